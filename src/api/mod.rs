@@ -1,0 +1,431 @@
+//! HTTP: routing of the CM API (prefix matched case-insensitively), authentication,
+//! input parsing and response shapes. Knows nothing of PKCS#11.
+
+mod error;
+mod wire;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine;
+use percent_encoding::percent_decode_str;
+use serde::Serialize;
+use serde_json::Value;
+use tracing::{Instrument, info};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+pub use error::ApiError;
+
+use crate::domain::{Atr, CardId, RequestType, enum_from_json, parse_guid};
+use crate::policy::{Caller, Policy};
+use crate::service::{KeyRelease, NewRequest, Service};
+
+pub const PREFIX: &str = "/certificatemanagement/api/v1.0";
+pub const MAX_BODY: usize = 64 * 1024;
+
+pub struct AppState {
+    pub service: Service,
+    pub policy: Policy,
+}
+
+/// The endpoints, resolved from method and path.
+enum Route {
+    ProfileTemplates,
+    TemplateSmartcardConfig(String),
+    CreateRequest,
+    GetRequest(String),
+    PutRequest(String),
+    BindCard,
+    GetCard(String),
+    FindCards,
+    DiversifiedKey(String, String),
+    Healthz,
+    Readyz,
+}
+
+impl Route {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::ProfileTemplates => "profiletemplates",
+            Self::TemplateSmartcardConfig(_) => "profiletemplate_config",
+            Self::CreateRequest => "create_request",
+            Self::GetRequest(_) => "get_request",
+            Self::PutRequest(_) => "put_request",
+            Self::BindCard => "bind_card",
+            Self::GetCard(_) => "get_card",
+            Self::FindCards => "find_cards",
+            Self::DiversifiedKey(..) => "diversifiedkey",
+            Self::Healthz => "healthz",
+            Self::Readyz => "readyz",
+        }
+    }
+}
+
+/// Matches the path: the prefix and the fixed segments in any case, IDs as sent.
+fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such endpoint");
+    let not_allowed = || {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "method not allowed",
+        )
+    };
+    match path {
+        "/healthz" => return Ok(Route::Healthz),
+        "/readyz" => return Ok(Route::Readyz),
+        _ => {}
+    }
+    let rest = path
+        .get(..PREFIX.len())
+        .filter(|p| p.eq_ignore_ascii_case(PREFIX))
+        .map(|_| &path[PREFIX.len()..])
+        .ok_or_else(not_found)?;
+    let rest = rest.strip_prefix('/').ok_or_else(not_found)?;
+    let segs: Vec<String> = rest
+        .trim_end_matches('/')
+        .split('/')
+        .map(|s| percent_decode_str(s).decode_utf8_lossy().into_owned())
+        .collect();
+    let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
+    let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let m = method;
+    let r = match l.as_slice() {
+        ["profiletemplates"] if m == Method::GET => Route::ProfileTemplates,
+        ["profiletemplates", _, "configuration", "smartcards"] if m == Method::GET => {
+            Route::TemplateSmartcardConfig(segs[1].clone())
+        }
+        ["requests"] if m == Method::POST => Route::CreateRequest,
+        ["requests", _] if m == Method::GET => Route::GetRequest(segs[1].clone()),
+        ["requests", _] if m == Method::PUT => Route::PutRequest(segs[1].clone()),
+        ["smartcards"] if m == Method::POST => Route::BindCard,
+        ["smartcards"] if m == Method::GET => Route::FindCards,
+        ["smartcards", _] if m == Method::GET => Route::GetCard(segs[1].clone()),
+        ["requests", _, "smartcards", _, "diversifiedkey"] if m == Method::GET => {
+            Route::DiversifiedKey(segs[1].clone(), segs[3].clone())
+        }
+        ["profiletemplates"]
+        | ["profiletemplates", _, "configuration", "smartcards"]
+        | ["requests"]
+        | ["requests", _]
+        | ["smartcards"]
+        | ["smartcards", _]
+        | ["requests", _, "smartcards", _, "diversifiedkey"] => return Err(not_allowed()),
+        _ => return Err(not_found()),
+    };
+    Ok(r)
+}
+
+/// A correlation id: the client's `X-Correlation-Id` if it is short and plain, else a new one.
+fn correlation_id(req: &HttpRequest) -> String {
+    req.headers()
+        .get("x-correlation-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        })
+        .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned)
+}
+
+fn authenticate<'a>(req: &HttpRequest, policy: &'a Policy) -> Result<&'a Caller, ApiError> {
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("credentials required"))?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("use Authorization: Bearer <token>"))?;
+    policy
+        .authenticate_token(token.as_bytes())
+        .ok_or_else(|| ApiError::unauthorized("invalid credentials"))
+}
+
+/// Query parameters, names matched in any case; a repeated parameter is refused.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(req: &HttpRequest) -> Result<Self, ApiError> {
+        serde_urlencoded::from_str::<Vec<(String, String)>>(req.query_string())
+            .map(Self)
+            .map_err(|_| ApiError::bad_request("malformed query string"))
+    }
+    fn get(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        let mut found = self.0.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name));
+        let first = found.next().map(|(_, v)| v.as_str());
+        if found.next().is_some() {
+            return Err(ApiError::bad_request(format!(
+                "{name} is given more than once"
+            )));
+        }
+        Ok(first)
+    }
+}
+
+fn guid(what: &str, text: &str) -> Result<Uuid, ApiError> {
+    parse_guid(text).map_err(|e| ApiError::bad_request(format!("{what} is not a GUID: {e}")))
+}
+
+fn card_id(text: Option<&str>) -> Result<CardId, ApiError> {
+    let text = text.ok_or_else(|| ApiError::bad_request("cardid is required"))?;
+    CardId::parse(text).map_err(|e| ApiError::bad_request(format!("cardid is not a GUID: {e}")))
+}
+
+fn atr(text: Option<&str>) -> Result<Option<Atr>, ApiError> {
+    text.map(|t| Atr::parse(t).map_err(|e| ApiError::bad_request(format!("atr: {e}"))))
+        .transpose()
+}
+
+/// A JSON object body with property names matched in any case.
+struct Body(serde_json::Map<String, Value>);
+
+impl Body {
+    fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
+        match serde_json::from_slice(bytes) {
+            Ok(Value::Object(map)) => Ok(Self(map)),
+            _ => Err(ApiError::bad_request("the body must be a JSON object")),
+        }
+    }
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.0
+            .iter()
+            .find(|(k, v)| k.eq_ignore_ascii_case(name) && !v.is_null())
+            .map(|(_, v)| v)
+    }
+    fn string(&self, name: &str) -> Result<Option<&str>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::bad_request(format!("{name} must be a string"))),
+        }
+    }
+    fn guid(&self, name: &str) -> Result<Option<Uuid>, ApiError> {
+        self.string(name)?.map(|s| guid(name, s)).transpose()
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> HttpResponse {
+    HttpResponse::build(status).json(value)
+}
+
+/// 201 with the MIM-style relative location as a JSON string.
+fn created(kind: &str, id: Uuid) -> HttpResponse {
+    let relative = format!("api/v1.0/{kind}/{id}");
+    HttpResponse::Created()
+        .insert_header((
+            header::LOCATION,
+            format!("/CertificateManagement/{relative}"),
+        ))
+        .json(relative)
+}
+
+fn no_store(mut resp: HttpResponse) -> HttpResponse {
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Every request enters here.
+pub async fn dispatch(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<Arc<AppState>>,
+) -> HttpResponse {
+    let started = Instant::now();
+    let cid = correlation_id(&req);
+    let span = tracing::info_span!("request", correlation_id = %cid);
+    async move {
+        let route = route(req.method(), req.path());
+        let name = route.as_ref().map_or("unmatched", Route::name);
+        let mut caller_name = None;
+        let result = match route {
+            Ok(route) => handle(&req, &body, &state, route, &mut caller_name).await,
+            Err(e) => Err(e),
+        };
+        let mut resp = match result {
+            Ok(resp) => resp,
+            Err(e) => e.response(&cid),
+        };
+        if let Ok(v) = HeaderValue::from_str(&cid) {
+            resp.headers_mut()
+                .insert(header::HeaderName::from_static("x-correlation-id"), v);
+        }
+        info!(
+            method = %req.method(),
+            endpoint = name,
+            status = resp.status().as_u16(),
+            caller = caller_name.as_deref().unwrap_or("-"),
+            peer = %req.peer_addr().map_or_else(|| "-".to_owned(), |a| a.ip().to_string()),
+            micros = started.elapsed().as_micros() as u64,
+            "handled"
+        );
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+async fn handle(
+    req: &HttpRequest,
+    body: &[u8],
+    state: &AppState,
+    route: Route,
+    caller_name: &mut Option<String>,
+) -> Result<HttpResponse, ApiError> {
+    let service = &state.service;
+    match route {
+        Route::Healthz => return Ok(json(StatusCode::OK, &serde_json::json!({"Status": "ok"}))),
+        Route::Readyz => {
+            return Ok(match service.ready().await {
+                Ok(()) => json(StatusCode::OK, &serde_json::json!({"Ready": true})),
+                Err(e) => {
+                    tracing::warn!(error = %e, "not ready");
+                    json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({"Ready": false}),
+                    )
+                }
+            });
+        }
+        _ => {}
+    }
+    let caller = authenticate(req, &state.policy)?;
+    *caller_name = Some(caller.name.clone());
+    let query = Query::parse(req)?;
+    Ok(match route {
+        Route::ProfileTemplates => {
+            let list: Vec<wire::ProfileTemplate> = service
+                .templates_for(caller)
+                .into_iter()
+                .map(Into::into)
+                .collect();
+            json(StatusCode::OK, &list)
+        }
+        Route::TemplateSmartcardConfig(id) => {
+            let id = guid("profile template id", &id)?;
+            let t = service.template_for(caller, &id)?;
+            no_store(json(StatusCode::OK, &wire::SmartcardConfiguration::from(t)))
+        }
+        Route::CreateRequest => {
+            let b = Body::parse(body)?;
+            let request_type = b
+                .get("type")
+                .ok_or_else(|| ApiError::bad_request("type is required"))
+                .and_then(|v| {
+                    enum_from_json(v, RequestType::from_name, RequestType::from_number)
+                        .ok_or_else(|| ApiError::bad_request("type is not a known request type"))
+                })?;
+            let priority = match b.get("priority") {
+                None => 0,
+                Some(v) => v
+                    .as_i64()
+                    .ok_or_else(|| ApiError::bad_request("priority must be an integer"))?,
+            };
+            let new = NewRequest {
+                request_type,
+                template: b.guid("profiletemplateuuid")?,
+                smartcard: b.guid("smartcard")?,
+                target: b.string("target")?.map(str::to_owned),
+                comment: b.string("comment")?.map(str::to_owned),
+                priority,
+            };
+            let r = service.create_request(caller, new).await?;
+            info!(request = %r.uuid, template = %r.template, status = r.status.name(), "request created");
+            created("requests", r.uuid)
+        }
+        Route::GetRequest(id) => {
+            let id = guid("request id", &id)?;
+            let r = service.get_request(caller, id).await?;
+            json(StatusCode::OK, &wire::RequestBody::from(&r))
+        }
+        Route::PutRequest(id) => {
+            let id = guid("request id", &id)?;
+            let b = Body::parse(body)?;
+            let status = b
+                .string("status")?
+                .ok_or_else(|| ApiError::bad_request("status is required"))?;
+            let r = service.set_request_status(caller, id, status).await?;
+            info!(request = %r.uuid, status = r.status.name(), "request status changed");
+            json(StatusCode::OK, &wire::RequestBody::from(&r))
+        }
+        Route::BindCard => {
+            let b = Body::parse(body)?;
+            let request = b
+                .guid("requestid")?
+                .ok_or_else(|| ApiError::bad_request("requestid is required"))?;
+            let card = card_id(b.string("cardid")?)?;
+            let atr = atr(b.string("atr")?)?;
+            let c = service.bind_card(caller, request, card, atr).await?;
+            info!(request = %request, smartcard = %c.uuid, card_id = %c.card_id, "card bound");
+            created("smartcards", c.uuid)
+        }
+        Route::GetCard(id) => {
+            let id = guid("smart card id", &id)?;
+            let c = service.get_card(caller, id).await?;
+            json(StatusCode::OK, &wire::SmartcardBody::from(&c))
+        }
+        Route::FindCards => {
+            let card = card_id(query.get("cardid")?)?;
+            let cards = service.find_cards(caller, card).await?;
+            let list: Vec<wire::SmartcardBody> = cards.iter().map(Into::into).collect();
+            json(StatusCode::OK, &list)
+        }
+        Route::DiversifiedKey(reqid, scid) => {
+            let reqid = guid("request id", &reqid)?;
+            let scid = guid("smart card id", &scid)?;
+            let card = card_id(query.get("cardid")?)?;
+            let atr = atr(query.get("atr")?)?;
+            match service.release_key(caller, reqid, scid, card).await? {
+                KeyRelease::NotDiversified => {
+                    info!(request = %reqid, smartcard = %scid, card_id = %card, "no diversification: default key applies");
+                    no_store(HttpResponse::NoContent().finish())
+                }
+                KeyRelease::Key {
+                    key,
+                    master_key_label,
+                    version,
+                } => {
+                    let encoded = Zeroizing::new(
+                        base64::engine::general_purpose::STANDARD.encode(key.expose()),
+                    );
+                    let body = Zeroizing::new(format!("\"{}\"", encoded.as_str()));
+                    info!(
+                        request = %reqid,
+                        smartcard = %scid,
+                        card_id = %card,
+                        atr = atr.as_ref().map_or("-", Atr::as_str),
+                        master_key = %master_key_label,
+                        version,
+                        key_type = key.key_type().name(),
+                        "admin key released"
+                    );
+                    no_store(
+                        HttpResponse::Ok()
+                            .content_type("application/json")
+                            .body(body.as_bytes().to_vec()),
+                    )
+                }
+            }
+        }
+        Route::Healthz | Route::Readyz => unreachable_route(),
+    })
+}
+
+/// Health routes return before authentication; this arm only satisfies the match.
+fn unreachable_route() -> HttpResponse {
+    HttpResponse::NotFound().finish()
+}

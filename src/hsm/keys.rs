@@ -1,0 +1,384 @@
+//! Master keys on the token: lookup with the checks SPEC section 3 demands, generation,
+//! import from components, listing, and check values.
+
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use zeroize::{Zeroize, Zeroizing};
+
+use super::{Hsm, HsmError};
+use crate::diversify::{AesKeySize, Block, CmacPrf, Kcv, aes_kcv};
+
+/// A master key found on the token and checked: the handle is valid for every session of
+/// this process. Key bytes are never here.
+#[derive(Clone, Debug)]
+pub struct MasterKeyRef {
+    pub label: String,
+    pub version: u32,
+    pub size: AesKeySize,
+    pub kcv: Kcv,
+    pub(super) handle: ObjectHandle,
+}
+
+/// A key as `keys list` shows it.
+#[derive(Debug)]
+pub struct KeyInfo {
+    pub label: String,
+    pub key_type: String,
+    pub bits: u64,
+    pub kcv: Option<Kcv>,
+    pub sensitive: bool,
+    pub extractable: bool,
+    pub sign: bool,
+}
+
+/// AES-CMAC with a key on the token, through one session.
+pub(super) struct SessionPrf<'a> {
+    pub session: &'a Session,
+    pub key: ObjectHandle,
+}
+
+impl CmacPrf for SessionPrf<'_> {
+    type Error = HsmError;
+    fn cmac(&mut self, message: &[u8]) -> Result<Zeroizing<Block>, HsmError> {
+        let mac = Zeroizing::new(self.session.sign(&Mechanism::AesCMac, self.key, message)?);
+        let block: Block = mac
+            .as_slice()
+            .try_into()
+            .map_err(|_| HsmError::Other(format!("CMAC returned {} bytes", mac.len())))?;
+        Ok(Zeroizing::new(block))
+    }
+}
+
+/// Version 1 is the only version for now; it is recorded in CKA_ID as 4 bytes big-endian.
+const VERSION_1: u32 = 1;
+
+struct Attrs(Vec<Attribute>);
+
+impl Attrs {
+    fn read(session: &Session, key: ObjectHandle) -> Result<Self, HsmError> {
+        Ok(Self(session.get_attributes(
+            key,
+            &[
+                AttributeType::Class,
+                AttributeType::KeyType,
+                AttributeType::ValueLen,
+                AttributeType::Sensitive,
+                AttributeType::Extractable,
+                AttributeType::Sign,
+                AttributeType::Derive,
+                AttributeType::Wrap,
+                AttributeType::Label,
+            ],
+        )?))
+    }
+    fn flag(&self, t: AttributeType) -> Option<bool> {
+        self.0.iter().find_map(|a| match (a, t) {
+            (Attribute::Sensitive(v), AttributeType::Sensitive)
+            | (Attribute::Extractable(v), AttributeType::Extractable)
+            | (Attribute::Sign(v), AttributeType::Sign)
+            | (Attribute::Derive(v), AttributeType::Derive)
+            | (Attribute::Wrap(v), AttributeType::Wrap) => Some(*v),
+            _ => None,
+        })
+    }
+    fn class(&self) -> Option<ObjectClass> {
+        self.0.iter().find_map(|a| match a {
+            Attribute::Class(c) => Some(*c),
+            _ => None,
+        })
+    }
+    fn key_type(&self) -> Option<KeyType> {
+        self.0.iter().find_map(|a| match a {
+            Attribute::KeyType(k) => Some(*k),
+            _ => None,
+        })
+    }
+    fn value_len(&self) -> Option<u64> {
+        self.0.iter().find_map(|a| match a {
+            Attribute::ValueLen(l) => Some(u64::from(*l)),
+            _ => None,
+        })
+    }
+    fn label(&self) -> String {
+        self.0
+            .iter()
+            .find_map(|a| match a {
+                Attribute::Label(l) => Some(String::from_utf8_lossy(l).into_owned()),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn secret_key_template(size: AesKeySize, token: bool) -> Vec<Attribute> {
+    vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::AES),
+        Attribute::Token(token),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Verify(false),
+        Attribute::Encrypt(false),
+        Attribute::Decrypt(false),
+        Attribute::Wrap(false),
+        Attribute::Unwrap(false),
+        Attribute::Derive(false),
+        Attribute::Modifiable(false),
+        Attribute::ValueLen((size.len() as u64).into()),
+    ]
+}
+
+/// Drops the clear key bytes inside an attribute list.
+fn wipe(template: Vec<Attribute>) {
+    for a in template {
+        if let Attribute::Value(mut v) = a {
+            v.zeroize();
+        }
+    }
+}
+
+fn find_by_label(session: &Session, label: &str) -> Result<Vec<ObjectHandle>, HsmError> {
+    Ok(session.find_objects(&[Attribute::Label(label.as_bytes().to_vec())])?)
+}
+
+/// A clear key combined from ceremony components, ready to be stored.
+pub struct PreparedImport {
+    pub size: AesKeySize,
+    pub component_kcvs: Vec<Kcv>,
+    pub kcv: Kcv,
+    key: Zeroizing<Vec<u8>>,
+}
+
+impl Hsm {
+    /// Finds and checks the master key labelled `label`. Anything but exactly one sensitive,
+    /// non-extractable AES key with CKA_SIGN is refused with the reason.
+    pub fn master_key(&self, label: &str) -> Result<MasterKeyRef, HsmError> {
+        let problem = |p: String| HsmError::MasterKey {
+            label: label.to_owned(),
+            problem: p,
+        };
+        self.with_session(|session| {
+            let found = find_by_label(session, label)?;
+            let handle = match found.as_slice() {
+                [one] => *one,
+                [] => return Err(problem(format!("not found on token {:?}", self.token_label))),
+                many => {
+                    return Err(problem(format!(
+                        "{} objects carry this label; exactly one is required",
+                        many.len()
+                    )));
+                }
+            };
+            let attrs = Attrs::read(session, handle)?;
+            if attrs.class() != Some(ObjectClass::SECRET_KEY) {
+                return Err(problem("is not a secret key".into()));
+            }
+            if attrs.key_type() != Some(KeyType::AES) {
+                return Err(problem("is not an AES key".into()));
+            }
+            let size = attrs
+                .value_len()
+                .and_then(|l| AesKeySize::from_len(l as usize))
+                .ok_or_else(|| problem("has an unsupported length".into()))?;
+            if attrs.flag(AttributeType::Sensitive) != Some(true) {
+                return Err(problem("is not sensitive (CKA_SENSITIVE must be true)".into()));
+            }
+            if attrs.flag(AttributeType::Extractable) != Some(false) {
+                return Err(problem("is extractable (CKA_EXTRACTABLE must be false)".into()));
+            }
+            if attrs.flag(AttributeType::Sign) != Some(true) {
+                return Err(problem("lacks CKA_SIGN, which CMAC needs".into()));
+            }
+            if attrs.flag(AttributeType::Derive) == Some(true)
+                || attrs.flag(AttributeType::Wrap) == Some(true)
+            {
+                return Err(problem(
+                    "allows CKA_DERIVE or CKA_WRAP, a way for key bytes to leave; only CKA_SIGN is allowed".into(),
+                ));
+            }
+            let kcv = aes_kcv(&mut SessionPrf {
+                session,
+                key: handle,
+            })?;
+            Ok(MasterKeyRef {
+                label: label.to_owned(),
+                version: VERSION_1,
+                size,
+                kcv,
+                handle,
+            })
+        })
+    }
+
+    fn refuse_existing(&self, session: &Session, label: &str) -> Result<(), HsmError> {
+        if !find_by_label(session, label)?.is_empty() {
+            return Err(HsmError::Refused(format!(
+                "an object labelled {label:?} already exists on token {:?}",
+                self.token_label
+            )));
+        }
+        Ok(())
+    }
+
+    /// Generates a master key inside the HSM: sensitive, non-extractable, CKA_SIGN only.
+    pub fn generate_master_key(
+        &self,
+        label: &str,
+        size: AesKeySize,
+    ) -> Result<MasterKeyRef, HsmError> {
+        self.with_session(|session| {
+            self.refuse_existing(session, label)?;
+            let mut template = secret_key_template(size, true);
+            template.push(Attribute::Label(label.as_bytes().to_vec()));
+            template.push(Attribute::Id(VERSION_1.to_be_bytes().to_vec()));
+            session.generate_key(&Mechanism::AesKeyGen, &template)?;
+            Ok(())
+        })?;
+        self.master_key(label)
+    }
+
+    /// KCV of a clear AES key, computed in the HSM on a session object destroyed at once.
+    fn clear_key_kcv(&self, session: &Session, key: &[u8]) -> Result<Kcv, HsmError> {
+        let size = AesKeySize::from_len(key.len())
+            .ok_or_else(|| HsmError::Refused(format!("{} bytes is not an AES key", key.len())))?;
+        let mut template = secret_key_template(size, false);
+        template.retain(|a| a.attribute_type() != AttributeType::ValueLen);
+        template.push(Attribute::Value(key.to_vec()));
+        let created = session.create_object(&template);
+        wipe(template);
+        let handle = created?;
+        let kcv = aes_kcv(&mut SessionPrf {
+            session,
+            key: handle,
+        });
+        session.destroy_object(handle)?;
+        kcv
+    }
+
+    /// XORs the components (all of one AES size) and computes every check value in the HSM.
+    /// Nothing is stored yet.
+    pub fn prepare_import(
+        &self,
+        components: &[Zeroizing<Vec<u8>>],
+    ) -> Result<PreparedImport, HsmError> {
+        let first = components
+            .first()
+            .ok_or_else(|| HsmError::Refused("at least one component is required".into()))?;
+        let size = AesKeySize::from_len(first.len()).ok_or_else(|| {
+            HsmError::Refused(format!(
+                "a component is {} bytes; AES keys have 16, 24 or 32",
+                first.len()
+            ))
+        })?;
+        if components.iter().any(|c| c.len() != size.len()) {
+            return Err(HsmError::Refused(
+                "components must all have the same length".into(),
+            ));
+        }
+        let mut key = Zeroizing::new(vec![0u8; size.len()]);
+        for c in components {
+            key.iter_mut().zip(c.iter()).for_each(|(k, b)| *k ^= b);
+        }
+        if key.iter().all(|b| *b == 0) {
+            return Err(HsmError::Refused("the combined key is all zero".into()));
+        }
+        self.with_session(|session| {
+            let component_kcvs = components
+                .iter()
+                .map(|c| self.clear_key_kcv(session, c))
+                .collect::<Result<Vec<_>, _>>()?;
+            let kcv = self.clear_key_kcv(session, &key)?;
+            Ok(PreparedImport {
+                size,
+                component_kcvs,
+                kcv,
+                key,
+            })
+        })
+    }
+
+    /// Stores a prepared key on the token: sensitive, non-extractable, CKA_SIGN only.
+    pub fn import_master_key(
+        &self,
+        label: &str,
+        prepared: PreparedImport,
+    ) -> Result<MasterKeyRef, HsmError> {
+        self.with_session(|session| {
+            self.refuse_existing(session, label)?;
+            let mut template = secret_key_template(prepared.size, true);
+            template.retain(|a| a.attribute_type() != AttributeType::ValueLen);
+            template.push(Attribute::Label(label.as_bytes().to_vec()));
+            template.push(Attribute::Id(VERSION_1.to_be_bytes().to_vec()));
+            template.push(Attribute::Value(prepared.key.to_vec()));
+            let created = session.create_object(&template);
+            wipe(template);
+            created.map(|_| ()).map_err(HsmError::from)
+        })?;
+        let stored = self.master_key(label)?;
+        if stored.kcv != prepared.kcv {
+            return Err(HsmError::Other(
+                "the stored key's check value differs from the prepared one".into(),
+            ));
+        }
+        Ok(stored)
+    }
+
+    /// Every secret key on the token, with its flags and (for AES keys that may sign) its KCV.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>, HsmError> {
+        self.with_session(|session| {
+            let handles = session.find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY)])?;
+            let mut out = Vec::with_capacity(handles.len());
+            for handle in handles {
+                let attrs = Attrs::read(session, handle)?;
+                let sign = attrs.flag(AttributeType::Sign) == Some(true);
+                let is_aes = attrs.key_type() == Some(KeyType::AES);
+                let kcv = if is_aes && sign {
+                    Some(aes_kcv(&mut SessionPrf {
+                        session,
+                        key: handle,
+                    })?)
+                } else {
+                    None
+                };
+                out.push(KeyInfo {
+                    label: attrs.label(),
+                    key_type: attrs
+                        .key_type()
+                        .map_or_else(|| "?".to_owned(), |k| k.to_string()),
+                    bits: attrs.value_len().unwrap_or(0) * 8,
+                    kcv,
+                    sensitive: attrs.flag(AttributeType::Sensitive) == Some(true),
+                    extractable: attrs.flag(AttributeType::Extractable) != Some(false),
+                    sign,
+                });
+            }
+            out.sort_by(|a, b| a.label.cmp(&b.label));
+            Ok(out)
+        })
+    }
+}
+
+impl Hsm {
+    /// Derives an admin key on the management session, blocking. The service uses
+    /// [`super::DerivationPool`]; this serves tools and tests.
+    pub fn derive_admin_key(
+        &self,
+        master: &MasterKeyRef,
+        derivation: &crate::diversify::Derivation,
+        card: &crate::domain::CardId,
+    ) -> Result<crate::diversify::AdminKey, HsmError> {
+        self.with_session(|session| {
+            crate::diversify::derive_admin_key(
+                &mut SessionPrf {
+                    session,
+                    key: master.handle,
+                },
+                derivation,
+                card,
+            )
+        })
+    }
+}

@@ -1,0 +1,138 @@
+//! A fixed set of threads, each owning one working session, fed by a bounded queue.
+//!
+//! HSM calls block; running them here keeps the async runtime's threads free. The queue is
+//! bounded so that a slow HSM turns into fast 503s rather than an unbounded backlog, and a
+//! session that fails with a transport-level error is discarded, never reused.
+
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use cryptoki::session::Session;
+use tokio::sync::oneshot;
+
+use super::keys::SessionPrf;
+use super::{Hsm, HsmError, MasterKeyRef};
+use crate::diversify::{AdminKey, Derivation, derive_admin_key};
+use crate::domain::CardId;
+
+/// Runs on a worker's session; returns whether the session must be discarded.
+type Job = Box<dyn FnOnce(Result<&Session, HsmError>) -> bool + Send>;
+
+pub struct DerivationPool {
+    jobs: Option<SyncSender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    deadline: Duration,
+}
+
+impl DerivationPool {
+    /// Opens `sessions` working sessions up front, so a start-up problem shows at once.
+    pub fn start(
+        hsm: Arc<Hsm>,
+        sessions: usize,
+        queue: usize,
+        deadline: Duration,
+    ) -> Result<Self, HsmError> {
+        let (tx, rx) = sync_channel::<Job>(queue);
+        let rx = Arc::new(Mutex::new(rx));
+        let mut workers = Vec::with_capacity(sessions);
+        for i in 0..sessions {
+            let session = hsm.open_session()?;
+            let (hsm, rx) = (Arc::clone(&hsm), Arc::clone(&rx));
+            let handle = std::thread::Builder::new()
+                .name(format!("hsm-{i}"))
+                .spawn(move || worker(&hsm, &rx, Some(session)))
+                .map_err(|e| HsmError::Other(format!("cannot start HSM worker: {e}")))?;
+            workers.push(handle);
+        }
+        Ok(Self {
+            jobs: Some(tx),
+            workers,
+            deadline,
+        })
+    }
+
+    /// Runs `f` on a pooled session within the deadline.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
+    ) -> Result<T, HsmError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |session| {
+            let result = session.and_then(f);
+            let discard = result.as_ref().err().is_some_and(HsmError::poisons_session);
+            let _ = tx.send(result);
+            discard
+        });
+        let jobs = self.jobs.as_ref().ok_or(HsmError::Busy)?;
+        jobs.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => HsmError::Busy,
+            TrySendError::Disconnected(_) => HsmError::Other("HSM workers stopped".into()),
+        })?;
+        match tokio::time::timeout(self.deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(HsmError::Other("HSM worker ended without answer".into())),
+            Err(_) => Err(HsmError::Timeout),
+        }
+    }
+
+    /// Derives `card`'s admin key under `master` inside the HSM.
+    pub async fn derive_admin_key(
+        &self,
+        master: &MasterKeyRef,
+        derivation: &Derivation,
+        card: CardId,
+    ) -> Result<AdminKey, HsmError> {
+        let key = master.handle;
+        let derivation = derivation.clone();
+        self.run(move |session| {
+            derive_admin_key(&mut SessionPrf { session, key }, &derivation, &card)
+        })
+        .await
+    }
+
+    /// Whether a pooled session answers (for readiness).
+    pub async fn ping(&self) -> Result<(), HsmError> {
+        self.run(|session| {
+            session
+                .get_session_info()
+                .map(|_| ())
+                .map_err(HsmError::from)
+        })
+        .await
+    }
+
+    /// Stops taking work, lets the workers finish what is queued and closes their sessions.
+    pub fn shutdown(mut self) {
+        self.jobs.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+fn worker(hsm: &Hsm, jobs: &Mutex<Receiver<Job>>, mut session: Option<Session>) {
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        if session.is_none() {
+            match hsm.open_session() {
+                Ok(s) => session = Some(s),
+                Err(e) => {
+                    job(Err(e));
+                    continue;
+                }
+            }
+        }
+        let current = session.as_ref().ok_or(HsmError::Busy);
+        if job(current) {
+            session = None;
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! divkey: per-card diversified admin keys from a master key that never leaves the HSM.
+//!
+//! Dependency direction: `api` → `service` → (`store`, `policy`, `hsm` → `diversify`);
+//! `diversify` and `domain` depend on nothing else of divkey.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod diversify;
+pub mod domain;
+pub mod hsm;
+pub mod logging;
+pub mod policy;
+pub mod service;
+pub mod store;

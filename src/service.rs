@@ -1,0 +1,543 @@
+//! The CM rules: request lifecycle, card binding and the key-release decision of SPEC
+//! section 2, over the store, the policy and the HSM pool. Knows nothing of HTTP.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::config::Template;
+use crate::diversify::AdminKey;
+use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
+use crate::hsm::{DerivationPool, HsmError, MasterKeyRef};
+use crate::policy::{Caller, Permission};
+use crate::store::{KeyBinding, Request, Smartcard, Store, StoreError, Tx};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{message}")]
+    Forbidden { code: &'static str, message: String },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn forbidden(code: &'static str, message: impl Into<String>) -> ServiceError {
+    ServiceError::Forbidden {
+        code,
+        message: message.into(),
+    }
+}
+
+/// What `POST /requests` carries, parsed.
+pub struct NewRequest {
+    pub request_type: RequestType,
+    pub template: Option<Uuid>,
+    pub smartcard: Option<Uuid>,
+    pub target: Option<String>,
+    pub comment: Option<String>,
+    pub priority: i64,
+}
+
+/// The outcome of a key request that passed every check.
+pub enum KeyRelease {
+    /// The template does not diversify: the client keeps the default admin key.
+    NotDiversified,
+    Key {
+        key: AdminKey,
+        master_key_label: String,
+        version: u32,
+    },
+}
+
+pub struct Service {
+    templates: Vec<Template>,
+    masters: HashMap<String, MasterKeyRef>,
+    store: Arc<Store>,
+    pool: DerivationPool,
+}
+
+/// Resolves `request` for a caller who needs `permission` on its template. An unknown
+/// request is 404 only to callers who hold the permission somewhere: others learn nothing.
+fn authorize<T>(
+    caller: &Caller,
+    permission: Permission,
+    found: Option<T>,
+    template_of: impl Fn(&T) -> Uuid,
+    what: &str,
+) -> Result<T, ServiceError> {
+    match found {
+        Some(item) if caller.may(permission, &template_of(&item)) => Ok(item),
+        None if caller.may_anywhere(permission) => {
+            Err(ServiceError::NotFound(format!("{what} not found")))
+        }
+        _ => Err(forbidden(
+            "PermissionDenied",
+            format!("caller lacks the {permission:?} permission on this {what}'s profile template"),
+        )),
+    }
+}
+
+impl Service {
+    pub fn new(
+        templates: Vec<Template>,
+        masters: HashMap<String, MasterKeyRef>,
+        store: Arc<Store>,
+        pool: DerivationPool,
+    ) -> Self {
+        Self {
+            templates,
+            masters,
+            store,
+            pool,
+        }
+    }
+
+    pub fn into_pool(self) -> DerivationPool {
+        self.pool
+    }
+
+    fn template(&self, id: &Uuid) -> Option<&Template> {
+        self.templates.iter().find(|t| t.uuid == *id)
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Tx) -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.read(f))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("store task: {e}")))?
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Tx) -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || store.write(f))
+            .await
+            .map_err(|e| ServiceError::Internal(format!("store task: {e}")))?
+    }
+
+    /// Templates on which the caller holds some permission.
+    pub fn templates_for(&self, caller: &Caller) -> Vec<&Template> {
+        self.templates
+            .iter()
+            .filter(|t| caller.sees(&t.uuid))
+            .collect()
+    }
+
+    pub fn template_for(&self, caller: &Caller, id: &Uuid) -> Result<&Template, ServiceError> {
+        match self.template(id) {
+            Some(t) if caller.sees(id) => Ok(t),
+            Some(_) => Err(forbidden(
+                "PermissionDenied",
+                "caller holds no permission on this profile template",
+            )),
+            None => Err(ServiceError::NotFound("profile template not found".into())),
+        }
+    }
+
+    pub async fn create_request(
+        &self,
+        caller: &Caller,
+        new: NewRequest,
+    ) -> Result<Request, ServiceError> {
+        if new.request_type == RequestType::None {
+            return Err(ServiceError::BadInput(
+                "type None cannot be requested".into(),
+            ));
+        }
+        let existing = if new.request_type.acts_on_existing_card() {
+            let Some(card_uuid) = new.smartcard else {
+                return Err(ServiceError::BadInput(format!(
+                    "a {} request names the issued card in \"smartcard\"",
+                    new.request_type.name()
+                )));
+            };
+            let card = self.read(move |tx| Ok(tx.card(&card_uuid)?)).await?;
+            let card = authorize(
+                caller,
+                Permission::Request,
+                card,
+                |c| c.template,
+                "smart card",
+            )?;
+            if new.template.is_some_and(|t| t != card.template) {
+                return Err(ServiceError::BadInput(
+                    "profiletemplateuuid differs from the smart card's profile template".into(),
+                ));
+            }
+            Some(card)
+        } else {
+            if new.smartcard.is_some() {
+                return Err(ServiceError::BadInput(format!(
+                    "a {} request binds a new card with POST /smartcards, not \"smartcard\"",
+                    new.request_type.name()
+                )));
+            }
+            None
+        };
+        let template_id = match (&existing, new.template) {
+            (Some(card), _) => card.template,
+            (None, Some(t)) => t,
+            (None, None) => {
+                return Err(ServiceError::BadInput(
+                    "profiletemplateuuid is required".into(),
+                ));
+            }
+        };
+        let template = self
+            .template(&template_id)
+            .ok_or_else(|| ServiceError::NotFound("profile template not found".into()))?;
+        if !caller.may(Permission::Request, &template_id) {
+            return Err(forbidden(
+                "PermissionDenied",
+                "caller lacks the Request permission on this profile template",
+            ));
+        }
+        let request = Request {
+            uuid: Uuid::new_v4(),
+            request_type: new.request_type,
+            status: if template.approvals_required == 0 {
+                RequestStatus::Approved
+            } else {
+                RequestStatus::Pending
+            },
+            template: template_id,
+            new_smartcard: None,
+            old_smartcard: existing.as_ref().map(|c| c.uuid),
+            originator_uuid: caller.uuid,
+            originator_name: caller.name.clone(),
+            target: new.target,
+            comment: new.comment,
+            priority: new.priority,
+            submitted: String::new(),
+            completed: None,
+        };
+        self.write(move |tx| {
+            if let Some(card) = &existing {
+                if !tx.open_requests_binding(&card.uuid)?.is_empty() {
+                    return Err(ServiceError::Conflict(
+                        "the smart card already has an open request".into(),
+                    ));
+                }
+            }
+            Ok(tx.insert_request(&request)?)
+        })
+        .await
+    }
+
+    pub async fn get_request(&self, caller: &Caller, id: Uuid) -> Result<Request, ServiceError> {
+        let found = self.read(move |tx| Ok(tx.request(&id)?)).await?;
+        match found {
+            Some(r) if caller.sees(&r.template) => Ok(r),
+            Some(_) => Err(forbidden(
+                "PermissionDenied",
+                "caller holds no permission on this request's profile template",
+            )),
+            None => Err(ServiceError::NotFound("request not found".into())),
+        }
+    }
+
+    /// `PUT /requests/{id}`: approve, deny, complete, cancel or abandon.
+    pub async fn set_request_status(
+        &self,
+        caller: &Caller,
+        id: Uuid,
+        status: &str,
+    ) -> Result<Request, ServiceError> {
+        #[derive(Clone, Copy)]
+        enum Action {
+            Approve,
+            Deny,
+            Complete,
+            Cancel,
+            Abandon,
+        }
+        let action = match status.to_ascii_lowercase().as_str() {
+            "approved" => Action::Approve,
+            "denied" => Action::Deny,
+            "completed" => Action::Complete,
+            "canceled" | "cancelled" => Action::Cancel,
+            "abandoned" => Action::Abandon,
+            _ => {
+                return Err(ServiceError::BadInput(format!(
+                    "status {status:?}: use Completed, Canceled, Abandoned, Approved or Denied"
+                )));
+            }
+        };
+        let permission = match action {
+            Action::Approve | Action::Deny => Permission::Approve,
+            Action::Complete | Action::Cancel | Action::Abandon => Permission::Request,
+        };
+        let required = |t: &Uuid| {
+            self.template(t)
+                .map_or(u32::MAX, |t| t.approvals_required.max(1))
+        };
+        let found = self.read(move |tx| Ok(tx.request(&id)?)).await?;
+        let request = authorize(caller, permission, found, |r| r.template, "request")?;
+        let needed = required(&request.template);
+        let approver = caller.name.clone();
+        self.write(move |tx| {
+            // Re-read inside the write transaction: the state may have moved meanwhile.
+            let r = tx
+                .request(&id)?
+                .ok_or_else(|| ServiceError::NotFound("request not found".into()))?;
+            let conflict = |what: &str| {
+                Err(ServiceError::Conflict(format!(
+                    "cannot {what} a request whose status is {}",
+                    r.status.name()
+                )))
+            };
+            match action {
+                Action::Approve | Action::Deny if r.status != RequestStatus::Pending => {
+                    return conflict("decide");
+                }
+                Action::Approve => {
+                    if tx.add_approval(&id, &approver)? >= needed {
+                        tx.set_request_status(&id, RequestStatus::Approved)?;
+                    }
+                }
+                Action::Deny => tx.set_request_status(&id, RequestStatus::Denied)?,
+                Action::Complete => {
+                    if r.status != RequestStatus::Executing {
+                        return conflict("complete");
+                    }
+                    tx.set_request_status(&id, RequestStatus::Completed)?;
+                    if let Some(card) = r.new_smartcard {
+                        tx.set_card_status(&card, SmartcardStatus::Active)?;
+                    }
+                    if let (RequestType::Retire, Some(card)) = (r.request_type, r.old_smartcard) {
+                        tx.set_card_status(&card, SmartcardStatus::Retired)?;
+                    }
+                }
+                Action::Cancel | Action::Abandon => {
+                    if r.status.is_final() {
+                        return conflict("end");
+                    }
+                    let to = match action {
+                        Action::Cancel => RequestStatus::Canceled,
+                        _ => RequestStatus::Failed,
+                    };
+                    tx.set_request_status(&id, to)?;
+                }
+            }
+            tx.request(&id)?
+                .ok_or_else(|| ServiceError::Internal("request vanished".into()))
+        })
+        .await
+    }
+
+    /// `POST /smartcards`: binds a card to an Approved or Executing request. The card's key
+    /// derivation (master key label, version, algorithm settings) is pinned at its first binding.
+    pub async fn bind_card(
+        &self,
+        caller: &Caller,
+        request_id: Uuid,
+        card_id: CardId,
+        atr: Option<Atr>,
+    ) -> Result<Smartcard, ServiceError> {
+        let found = self.read(move |tx| Ok(tx.request(&request_id)?)).await?;
+        let request = authorize(caller, Permission::Bind, found, |r| r.template, "request")?;
+        let template = self.template(&request.template).ok_or_else(|| {
+            forbidden(
+                "TemplateNotConfigured",
+                "the request's profile template is no longer configured",
+            )
+        })?;
+        let binding = match (&template.derivation, &template.master_key) {
+            (Some(derivation), Some(label)) => {
+                let master = self.masters.get(label).ok_or_else(|| {
+                    ServiceError::Internal(format!("master key {label:?} is not loaded"))
+                })?;
+                Some(KeyBinding {
+                    master_key_label: master.label.clone(),
+                    version: master.version,
+                    derivation: derivation.clone(),
+                })
+            }
+            _ => None,
+        };
+        let template_id = template.uuid;
+        self.write(move |tx| {
+            let r = tx
+                .request(&request_id)?
+                .ok_or_else(|| ServiceError::NotFound("request not found".into()))?;
+            if !r.status.releases_keys() {
+                return Err(forbidden(
+                    "RequestNotApproved",
+                    format!(
+                        "the request is {}; cards bind to Approved or Executing requests",
+                        r.status.name()
+                    ),
+                ));
+            }
+            let existing = tx.card_by_card_id(&card_id)?;
+            // The request's own card again: idempotent.
+            if let Some(card) = existing.as_ref().filter(|c| r.binds(&c.uuid)) {
+                if let Some(atr) = &atr {
+                    tx.set_card_atr(&card.uuid, atr)?;
+                }
+                return Ok(tx.card(&card.uuid)?.unwrap_or_else(|| card.clone()));
+            }
+            if r.new_smartcard.is_some() || r.old_smartcard.is_some() {
+                return Err(ServiceError::Conflict(
+                    "the request already has a smart card bound".into(),
+                ));
+            }
+            let card = match existing {
+                Some(card) => {
+                    if tx
+                        .open_requests_binding(&card.uuid)?
+                        .iter()
+                        .any(|o| o.uuid != request_id)
+                    {
+                        return Err(ServiceError::Conflict(
+                            "the card is bound to another open request".into(),
+                        ));
+                    }
+                    tx.set_card_status(&card.uuid, SmartcardStatus::Assigned)?;
+                    if let Some(atr) = &atr {
+                        tx.set_card_atr(&card.uuid, atr)?;
+                    }
+                    card
+                }
+                None => {
+                    let card = Smartcard {
+                        uuid: Uuid::new_v4(),
+                        card_id,
+                        status: SmartcardStatus::Assigned,
+                        template: template_id,
+                        atr: atr.map(|a| a.as_str().to_owned()),
+                        key: binding,
+                    };
+                    tx.insert_card(&card)?;
+                    card
+                }
+            };
+            tx.set_request_new_card(&request_id, &card.uuid)?;
+            tx.set_request_status(&request_id, RequestStatus::Executing)?;
+            Ok(tx.card(&card.uuid)?.unwrap_or(card))
+        })
+        .await
+    }
+
+    pub async fn get_card(&self, caller: &Caller, id: Uuid) -> Result<Smartcard, ServiceError> {
+        let found = self.read(move |tx| Ok(tx.card(&id)?)).await?;
+        match found {
+            Some(c) if caller.sees(&c.template) => Ok(c),
+            Some(_) => Err(forbidden(
+                "PermissionDenied",
+                "caller holds no permission on this card's profile template",
+            )),
+            None => Err(ServiceError::NotFound("smart card not found".into())),
+        }
+    }
+
+    /// Cards with this card ID that the caller may see (zero or one).
+    pub async fn find_cards(
+        &self,
+        caller: &Caller,
+        card_id: CardId,
+    ) -> Result<Vec<Smartcard>, ServiceError> {
+        let found = self
+            .read(move |tx| Ok(tx.card_by_card_id(&card_id)?))
+            .await?;
+        Ok(found
+            .into_iter()
+            .filter(|c| caller.sees(&c.template))
+            .collect())
+    }
+
+    /// The diversifiedkey decision of SPEC section 2, steps 2 to 7 (the API did 1).
+    pub async fn release_key(
+        &self,
+        caller: &Caller,
+        request_id: Uuid,
+        card_uuid: Uuid,
+        card_id: CardId,
+    ) -> Result<KeyRelease, ServiceError> {
+        let (request, card) = self
+            .read(move |tx| Ok((tx.request(&request_id)?, tx.card(&card_uuid)?)))
+            .await?;
+        let request = authorize(
+            caller,
+            Permission::ReadKey,
+            request,
+            |r| r.template,
+            "request",
+        )?;
+        let card = card.ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
+        if !request.status.releases_keys() {
+            return Err(forbidden(
+                "RequestNotActive",
+                format!(
+                    "the request is {}; keys are released for Approved or Executing requests",
+                    request.status.name()
+                ),
+            ));
+        }
+        if !request.binds(&card.uuid) {
+            return Err(forbidden(
+                "CardNotBound",
+                "the smart card is not bound to this request",
+            ));
+        }
+        if card.card_id != card_id {
+            return Err(forbidden(
+                "CardIdMismatch",
+                "cardid is not the bound card's card ID",
+            ));
+        }
+        if matches!(
+            card.status,
+            SmartcardStatus::Retired | SmartcardStatus::Disabled
+        ) {
+            return Err(forbidden(
+                "CardNotActive",
+                format!("the smart card is {}", card.status.name()),
+            ));
+        }
+        let Some(binding) = card.key else {
+            return Ok(KeyRelease::NotDiversified);
+        };
+        let master = self
+            .masters
+            .get(&binding.master_key_label)
+            .filter(|m| m.version == binding.version)
+            .ok_or_else(|| {
+                ServiceError::Internal(format!(
+                    "master key {:?} version {} is not loaded",
+                    binding.master_key_label, binding.version
+                ))
+            })?;
+        let key = self
+            .pool
+            .derive_admin_key(master, &binding.derivation, card.card_id)
+            .await?;
+        Ok(KeyRelease::Key {
+            key,
+            master_key_label: binding.master_key_label,
+            version: binding.version,
+        })
+    }
+
+    /// Readiness: a pooled HSM session and the store both answer.
+    pub async fn ready(&self) -> Result<(), ServiceError> {
+        self.pool.ping().await?;
+        self.read(|_| Ok(())).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,413 @@
+//! The SQLite store of requests and smart cards, with schema migrations.
+//!
+//! All access goes through [`Store::read`] and [`Store::write`], which run a closure over a
+//! transaction: the rules live in `service`, the SQL lives here, and every read-check-write
+//! sequence is atomic.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use uuid::Uuid;
+
+use crate::diversify::Derivation;
+use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store: corrupt row: {0}")]
+    Corrupt(String),
+    #[error("store: lock poisoned")]
+    Poisoned,
+}
+
+/// Schema steps; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE requests (
+    uuid               TEXT PRIMARY KEY,
+    request_type       INTEGER NOT NULL,
+    status             INTEGER NOT NULL,
+    template_uuid      TEXT NOT NULL,
+    new_smartcard_uuid TEXT REFERENCES smartcards(uuid),
+    old_smartcard_uuid TEXT REFERENCES smartcards(uuid),
+    originator_uuid    TEXT NOT NULL,
+    originator_name    TEXT NOT NULL,
+    target             TEXT,
+    comment            TEXT,
+    priority           INTEGER NOT NULL DEFAULT 0,
+    submitted          TEXT NOT NULL,
+    completed          TEXT
+);
+CREATE TABLE approvals (
+    request_uuid TEXT NOT NULL REFERENCES requests(uuid),
+    approver     TEXT NOT NULL,
+    decided      TEXT NOT NULL,
+    PRIMARY KEY (request_uuid, approver)
+);
+CREATE TABLE smartcards (
+    uuid              TEXT PRIMARY KEY,
+    card_id           TEXT NOT NULL UNIQUE,
+    status            INTEGER NOT NULL,
+    template_uuid     TEXT NOT NULL,
+    atr               TEXT,
+    master_key_label  TEXT,
+    admin_key_version INTEGER,
+    derivation        TEXT,
+    created           TEXT NOT NULL
+);
+CREATE INDEX requests_new_card ON requests(new_smartcard_uuid);
+CREATE INDEX requests_old_card ON requests(old_smartcard_uuid);
+"#];
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ','now')";
+
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub uuid: Uuid,
+    pub request_type: RequestType,
+    pub status: RequestStatus,
+    pub template: Uuid,
+    pub new_smartcard: Option<Uuid>,
+    pub old_smartcard: Option<Uuid>,
+    pub originator_uuid: Uuid,
+    pub originator_name: String,
+    pub target: Option<String>,
+    pub comment: Option<String>,
+    pub priority: i64,
+    pub submitted: String,
+    pub completed: Option<String>,
+}
+
+impl Request {
+    /// Whether `card` is this request's new or existing card.
+    pub fn binds(&self, card: &Uuid) -> bool {
+        self.new_smartcard.as_ref() == Some(card) || self.old_smartcard.as_ref() == Some(card)
+    }
+}
+
+/// How a card's admin key is derived: pinned at first binding, never changed afterwards.
+#[derive(Debug, Clone)]
+pub struct KeyBinding {
+    pub master_key_label: String,
+    pub version: u32,
+    pub derivation: Derivation,
+}
+
+#[derive(Debug, Clone)]
+pub struct Smartcard {
+    pub uuid: Uuid,
+    pub card_id: CardId,
+    pub status: SmartcardStatus,
+    pub template: Uuid,
+    pub atr: Option<String>,
+    pub key: Option<KeyBinding>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn uuid_col(row: &Row, i: usize) -> rusqlite::Result<Uuid> {
+    let s: String = row.get(i)?;
+    Uuid::parse_str(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+fn opt_uuid_col(row: &Row, i: usize) -> rusqlite::Result<Option<Uuid>> {
+    let s: Option<String> = row.get(i)?;
+    s.map(|s| {
+        Uuid::parse_str(&s).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
+}
+
+fn corrupt(what: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Integer,
+        format!("unknown {what}").into(),
+    )
+}
+
+const REQUEST_COLUMNS: &str = "uuid, request_type, status, template_uuid, new_smartcard_uuid, \
+     old_smartcard_uuid, originator_uuid, originator_name, target, comment, priority, submitted, completed";
+
+fn request_row(row: &Row) -> rusqlite::Result<Request> {
+    Ok(Request {
+        uuid: uuid_col(row, 0)?,
+        request_type: RequestType::from_number(row.get(1)?)
+            .ok_or_else(|| corrupt("request type"))?,
+        status: RequestStatus::from_number(row.get(2)?).ok_or_else(|| corrupt("request status"))?,
+        template: uuid_col(row, 3)?,
+        new_smartcard: opt_uuid_col(row, 4)?,
+        old_smartcard: opt_uuid_col(row, 5)?,
+        originator_uuid: uuid_col(row, 6)?,
+        originator_name: row.get(7)?,
+        target: row.get(8)?,
+        comment: row.get(9)?,
+        priority: row.get(10)?,
+        submitted: row.get(11)?,
+        completed: row.get(12)?,
+    })
+}
+
+const CARD_COLUMNS: &str =
+    "uuid, card_id, status, template_uuid, atr, master_key_label, admin_key_version, derivation";
+
+fn card_row(row: &Row) -> rusqlite::Result<Smartcard> {
+    let card_id = CardId::from_uuid(uuid_col(row, 1)?);
+    let label: Option<String> = row.get(5)?;
+    let version: Option<u32> = row.get(6)?;
+    let derivation: Option<String> = row.get(7)?;
+    let key = match (label, version, derivation) {
+        (Some(master_key_label), Some(version), Some(d)) => Some(KeyBinding {
+            master_key_label,
+            version,
+            derivation: serde_json::from_str(&d).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    7,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
+        }),
+        _ => None,
+    };
+    Ok(Smartcard {
+        uuid: uuid_col(row, 0)?,
+        card_id,
+        status: SmartcardStatus::from_number(row.get(2)?).ok_or_else(|| corrupt("card status"))?,
+        template: uuid_col(row, 3)?,
+        atr: row.get(4)?,
+        key,
+    })
+}
+
+/// Typed queries inside one transaction.
+pub struct Tx<'a>(&'a Connection);
+
+impl Tx<'_> {
+    pub fn request(&self, id: &Uuid) -> Result<Option<Request>, StoreError> {
+        Ok(self
+            .0
+            .prepare_cached(&format!(
+                "SELECT {REQUEST_COLUMNS} FROM requests WHERE uuid = ?1"
+            ))?
+            .query_row([id.to_string()], request_row)
+            .optional()?)
+    }
+
+    pub fn card(&self, id: &Uuid) -> Result<Option<Smartcard>, StoreError> {
+        Ok(self
+            .0
+            .prepare_cached(&format!(
+                "SELECT {CARD_COLUMNS} FROM smartcards WHERE uuid = ?1"
+            ))?
+            .query_row([id.to_string()], card_row)
+            .optional()?)
+    }
+
+    pub fn card_by_card_id(&self, card_id: &CardId) -> Result<Option<Smartcard>, StoreError> {
+        Ok(self
+            .0
+            .prepare_cached(&format!(
+                "SELECT {CARD_COLUMNS} FROM smartcards WHERE card_id = ?1"
+            ))?
+            .query_row([card_id.to_string()], card_row)
+            .optional()?)
+    }
+
+    /// Requests that are still open (not in a final state) and bind `card`.
+    pub fn open_requests_binding(&self, card: &Uuid) -> Result<Vec<Request>, StoreError> {
+        let mut stmt = self.0.prepare_cached(&format!(
+            "SELECT {REQUEST_COLUMNS} FROM requests \
+             WHERE (new_smartcard_uuid = ?1 OR old_smartcard_uuid = ?1) AND status IN (?2, ?3, ?4)"
+        ))?;
+        let rows = stmt.query_map(
+            params![
+                card.to_string(),
+                RequestStatus::Pending.number(),
+                RequestStatus::Approved.number(),
+                RequestStatus::Executing.number()
+            ],
+            request_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn insert_request(&self, r: &Request) -> Result<Request, StoreError> {
+        self.0.execute(
+            &format!(
+                "INSERT INTO requests ({REQUEST_COLUMNS}) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, {NOW}, NULL)"
+            ),
+            params![
+                r.uuid.to_string(),
+                r.request_type.number(),
+                r.status.number(),
+                r.template.to_string(),
+                r.new_smartcard.map(|u| u.to_string()),
+                r.old_smartcard.map(|u| u.to_string()),
+                r.originator_uuid.to_string(),
+                r.originator_name,
+                r.target,
+                r.comment,
+                r.priority,
+            ],
+        )?;
+        self.request(&r.uuid)?
+            .ok_or_else(|| StoreError::Corrupt("inserted request vanished".into()))
+    }
+
+    /// Sets the status (and the completion time when the status is final).
+    pub fn set_request_status(&self, id: &Uuid, status: RequestStatus) -> Result<(), StoreError> {
+        self.0.execute(
+            &format!(
+                "UPDATE requests SET status = ?2, \
+                 completed = CASE WHEN ?3 THEN {NOW} ELSE completed END WHERE uuid = ?1"
+            ),
+            params![id.to_string(), status.number(), status.is_final()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_request_new_card(&self, id: &Uuid, card: &Uuid) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE requests SET new_smartcard_uuid = ?2 WHERE uuid = ?1",
+            params![id.to_string(), card.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Records an approval; returns the number of distinct approvers so far.
+    pub fn add_approval(&self, id: &Uuid, approver: &str) -> Result<u32, StoreError> {
+        self.0.execute(
+            &format!(
+                "INSERT OR IGNORE INTO approvals (request_uuid, approver, decided) VALUES (?1, ?2, {NOW})"
+            ),
+            params![id.to_string(), approver],
+        )?;
+        Ok(self.0.query_row(
+            "SELECT COUNT(*) FROM approvals WHERE request_uuid = ?1",
+            [id.to_string()],
+            |r| r.get(0),
+        )?)
+    }
+
+    pub fn insert_card(&self, c: &Smartcard) -> Result<(), StoreError> {
+        let derivation = c
+            .key
+            .as_ref()
+            .map(|k| serde_json::to_string(&k.derivation))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.0.execute(
+            &format!(
+                "INSERT INTO smartcards ({CARD_COLUMNS}, created) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {NOW})"
+            ),
+            params![
+                c.uuid.to_string(),
+                c.card_id.to_string(),
+                c.status.number(),
+                c.template.to_string(),
+                c.atr,
+                c.key.as_ref().map(|k| k.master_key_label.clone()),
+                c.key.as_ref().map(|k| k.version),
+                derivation,
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_card_status(&self, id: &Uuid, status: SmartcardStatus) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE smartcards SET status = ?2 WHERE uuid = ?1",
+            params![id.to_string(), status.number()],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_card_atr(&self, id: &Uuid, atr: &Atr) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE smartcards SET atr = ?2 WHERE uuid = ?1",
+            params![id.to_string(), atr.as_str()],
+        )?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn run<T, E: From<StoreError>>(
+        &self,
+        behavior: TransactionBehavior,
+        f: impl FnOnce(&Tx) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        let tx = conn
+            .transaction_with_behavior(behavior)
+            .map_err(StoreError::from)?;
+        let out = f(&Tx(&tx))?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(out)
+    }
+
+    /// Runs `f` in a read transaction.
+    pub fn read<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&Tx) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.run(TransactionBehavior::Deferred, f)
+    }
+
+    /// Runs `f` in a write transaction, committed only if `f` succeeds.
+    pub fn write<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&Tx) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.run(TransactionBehavior::Immediate, f)
+    }
+
+    /// Whether the database answers (for readiness).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        let conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        conn.query_row("SELECT 1", [], |_| Ok(()))?;
+        Ok(())
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+    let done: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let done = usize::try_from(done).unwrap_or(usize::MAX);
+    if done > MIGRATIONS.len() {
+        return Err(StoreError::Corrupt(format!(
+            "schema version {done} is newer than this divkey knows ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for step in &MIGRATIONS[done..] {
+        tx.execute_batch(step)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    tx.commit()?;
+    Ok(())
+}
