@@ -382,3 +382,20 @@ impl Hsm {
         })
     }
 }
+
+impl Hsm {
+    /// One AES-CMAC under a master key, blocking: for known-answer tests of the raw KDF.
+    pub fn cmac(
+        &self,
+        master: &MasterKeyRef,
+        message: &[u8],
+    ) -> Result<Zeroizing<Block>, HsmError> {
+        self.with_session(|session| {
+            SessionPrf {
+                session,
+                key: master.handle,
+            }
+            .cmac(message)
+        })
+    }
+}
