@@ -3,6 +3,7 @@
 # token "divkey-dev" with a generated AES-256 master key "admin-master", a dev config and
 # bearer token under .dev/, then the server on 127.0.0.1:8080. Prints a working curl flow.
 # Development only: the dev PIN and token live in .dev/ in clear.
+# With --setup-only it prepares everything and exits without serving.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dev="$root/.dev"
@@ -62,6 +63,8 @@ if ! "$bin" keys list --config "$dev/divkey.toml" | grep -q '^admin-master '; th
   "$bin" keys generate --config "$dev/divkey.toml" --label admin-master --type aes256
 fi
 "$bin" check --config "$dev/divkey.toml"
+# softhsm/bench.sh and others reuse the setup without serving.
+[ "${1:-}" = "--setup-only" ] && exit 0
 
 base="http://127.0.0.1:$port/CertificateManagement/api/v1.0"
 cat <<FLOW
