@@ -16,7 +16,10 @@ use divkey::config::Config;
 use secrecy::SecretString;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let Some(config_path) = args.first() else {
         eprintln!("usage: hsm_ceiling CONFIG [SECONDS] [THREADS]");
         return;
@@ -25,21 +28,30 @@ fn main() {
     let threads: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
     let label = std::env::var("DIVKEY_BENCH_LABEL").unwrap_or_else(|_| "admin-master".into());
     let config = Config::load(std::path::Path::new(config_path)).expect("config");
-    let pin = std::fs::read_to_string(config.hsm.pin_file.as_ref().expect("pin_file")).expect("pin");
+    let pin =
+        std::fs::read_to_string(config.hsm.pin_file.as_ref().expect("pin_file")).expect("pin");
     let pin = SecretString::from(pin.trim().to_owned());
 
     let ctx = Pkcs11::new(&config.hsm.module).expect("module");
-    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)).expect("init");
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .expect("init");
     let slot = ctx
         .get_slots_with_token()
         .expect("slots")
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).map(|i| i.label().trim_end() == config.hsm.token_label).unwrap_or(false))
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .map(|i| i.label().trim_end() == config.hsm.token_label)
+                .unwrap_or(false)
+        })
         .expect("token");
     let login = ctx.open_rw_session(slot).expect("session");
     login.login(UserType::User, Some(&pin)).expect("login");
     let key = login
-        .find_objects(&[Attribute::Class(ObjectClass::SECRET_KEY), Attribute::Label(label.clone().into_bytes())])
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(label.clone().into_bytes()),
+        ])
         .expect("find")
         .into_iter()
         .next()

@@ -133,16 +133,16 @@ fn master_keys(hsm: &Hsm, templates: &[Template]) -> Result<HashMap<String, Mast
             let key = hsm.master_key(label).map_err(|e| e.to_string())?;
             masters.insert(label.clone(), key);
         }
-        if let (Some(need), Some(key)) = (derivation.required_master_size(), masters.get(label)) {
-            if key.size != need {
-                return Err(format!(
-                    "template {:?}: {} needs an {} master key, {label:?} is {}",
-                    t.name,
-                    t.algorithm,
-                    need.name(),
-                    key.size.name()
-                ));
-            }
+        if let (Some(need), Some(key)) = (derivation.required_master_size(), masters.get(label))
+            && key.size != need
+        {
+            return Err(format!(
+                "template {:?}: {} needs an {} master key, {label:?} is {}",
+                t.name,
+                t.algorithm,
+                need.name(),
+                key.size.name()
+            ));
         }
     }
     Ok(masters)
@@ -268,13 +268,13 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 .enumerate()
                 .map(|(i, c)| {
                     let bytes = parse_hex_secret(&format!("component {}", i + 1), c)?;
-                    if bytes.len() != size.len() {
+                    if bytes.len() != size.byte_len() {
                         return Err(format!(
                             "component {} is {} bytes; {} needs {}",
                             i + 1,
                             bytes.len(),
                             size.name(),
-                            size.len()
+                            size.byte_len()
                         ));
                     }
                     Ok(bytes)
@@ -296,13 +296,13 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 println!("component {} kcv={k}", i + 1);
             }
             println!("combined kcv={}", prepared.kcv);
-            if let Some(expected) = expected {
-                if prepared.kcv.to_string() != expected {
-                    return Err(format!(
-                        "combined key KCV {} does not match --kcv {expected}; nothing imported",
-                        prepared.kcv
-                    ));
-                }
+            if let Some(expected) = expected
+                && prepared.kcv.to_string() != expected
+            {
+                return Err(format!(
+                    "combined key KCV {} does not match --kcv {expected}; nothing imported",
+                    prepared.kcv
+                ));
             }
             let key = hsm
                 .import_master_key(&label, prepared)

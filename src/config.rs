@@ -259,13 +259,13 @@ impl Config {
     fn check_callers(&self) -> Result<(), ConfigError> {
         let known: Vec<Uuid> = self.profile_template.iter().map(|t| t.uuid).collect();
         for c in &self.caller {
-            if let Some(h) = &c.token_sha256 {
-                if h.len() != 64 || hex::decode(h).is_err() {
-                    return Err(invalid(format!(
-                        "caller {}: token_sha256 must be 64 hex digits",
-                        c.name
-                    )));
-                }
+            if let Some(h) = &c.token_sha256
+                && (h.len() != 64 || hex::decode(h).is_err())
+            {
+                return Err(invalid(format!(
+                    "caller {}: token_sha256 must be 64 hex digits",
+                    c.name
+                )));
             }
             for t in c.permissions.keys() {
                 if !known.contains(t) {
@@ -342,12 +342,12 @@ impl TemplateConfig {
         let key_type = derivation.key_type();
         let default_key = hex::decode(&self.default_admin_key_hex)
             .map_err(|_| err("default_admin_key_hex must be hex".into()))?;
-        if default_key.len() != key_type.len() {
+        if default_key.len() != key_type.byte_len() {
             return Err(err(format!(
                 "default_admin_key_hex is {} bytes, a {} key has {}",
                 default_key.len(),
                 key_type.name(),
-                key_type.len()
+                key_type.byte_len()
             )));
         }
         if self.diversify_admin_key && self.master_key.is_none() {

@@ -30,7 +30,7 @@ pub enum AdminKeyType {
 impl AdminKeyType {
     pub const ALL: [AdminKeyType; 4] = [Self::Des3, Self::Aes128, Self::Aes192, Self::Aes256];
 
-    pub fn len(self) -> usize {
+    pub fn byte_len(self) -> usize {
         match self {
             Self::Des3 | Self::Aes192 => 24,
             Self::Aes128 => 16,
@@ -68,7 +68,7 @@ pub enum AesKeySize {
 }
 
 impl AesKeySize {
-    pub fn len(self) -> usize {
+    pub fn byte_len(self) -> usize {
         match self {
             Self::Aes128 => 16,
             Self::Aes192 => 24,
@@ -203,7 +203,7 @@ pub fn derive_admin_key<P: CmacPrf>(
             card_id_bytes,
         } => {
             let fixed = sp800_108_fixed_input(label, *key_type, &card_id_bytes.bytes(card));
-            let mut out = kdf_counter_cmac(prf, &fixed, key_type.len() * 8)?;
+            let mut out = kdf_counter_cmac(prf, &fixed, key_type.byte_len() * 8)?;
             if *key_type == AdminKeyType::Des3 {
                 set_odd_parity(&mut out);
             }
@@ -228,7 +228,7 @@ pub fn derive_admin_key<P: CmacPrf>(
 
 /// `Label || 0x00 || KT || CID || [L]_32`.
 pub fn sp800_108_fixed_input(label: &str, key_type: AdminKeyType, cid: &[u8; 16]) -> Vec<u8> {
-    let l_bits = (key_type.len() * 8) as u32;
+    let l_bits = (key_type.byte_len() * 8) as u32;
     let mut fixed = Vec::with_capacity(label.len() + 22);
     fixed.extend_from_slice(label.as_bytes());
     fixed.push(0x00);
@@ -246,7 +246,7 @@ pub fn kdf_counter_cmac<P: CmacPrf>(
     l_bits: usize,
 ) -> Result<Zeroizing<Vec<u8>>, P::Error> {
     let len = l_bits / 8;
-    debug_assert!(l_bits % 8 == 0 && len.div_ceil(16) <= 255);
+    debug_assert!(l_bits.is_multiple_of(8) && len.div_ceil(16) <= 255);
     let mut out = Zeroizing::new(Vec::with_capacity(len.div_ceil(16) * 16));
     let mut message = Vec::with_capacity(1 + fixed_input.len());
     message.push(0);
@@ -275,7 +275,7 @@ pub fn an10922_aes<P: CmacPrf>(
         d.extend_from_slice(m);
         prf.cmac(&d)
     };
-    let mut out = Zeroizing::new(Vec::with_capacity(size.len()));
+    let mut out = Zeroizing::new(Vec::with_capacity(size.byte_len()));
     match size {
         AesKeySize::Aes128 => out.extend_from_slice(&*step(0x01)?),
         AesKeySize::Aes192 => {

@@ -227,12 +227,12 @@ impl Service {
             completed: None,
         };
         self.write(move |tx| {
-            if let Some(card) = &existing {
-                if !tx.open_requests_binding(&card.uuid)?.is_empty() {
-                    return Err(ServiceError::Conflict(
-                        "the smart card already has an open request".into(),
-                    ));
-                }
+            if let Some(card) = &existing
+                && !tx.open_requests_binding(&card.uuid)?.is_empty()
+            {
+                return Err(ServiceError::Conflict(
+                    "the smart card already has an open request".into(),
+                ));
             }
             Ok(tx.insert_request(&request)?)
         })

@@ -127,7 +127,7 @@ fn secret_key_template(size: AesKeySize, token: bool) -> Vec<Attribute> {
         Attribute::Unwrap(false),
         Attribute::Derive(false),
         Attribute::Modifiable(false),
-        Attribute::ValueLen((size.len() as u64).into()),
+        Attribute::ValueLen((size.byte_len() as u64).into()),
     ]
 }
 
@@ -273,12 +273,12 @@ impl Hsm {
                 first.len()
             ))
         })?;
-        if components.iter().any(|c| c.len() != size.len()) {
+        if components.iter().any(|c| c.len() != size.byte_len()) {
             return Err(HsmError::Refused(
                 "components must all have the same length".into(),
             ));
         }
-        let mut key = Zeroizing::new(vec![0u8; size.len()]);
+        let mut key = Zeroizing::new(vec![0u8; size.byte_len()]);
         for c in components {
             key.iter_mut().zip(c.iter()).for_each(|(k, b)| *k ^= b);
         }
