@@ -4,6 +4,7 @@
 # missing; every test makes its own throw-away token, so nothing here touches .dev/.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-"$root/softhsm/ensure-softhsm.sh"
+# opensc-pkcs11 brings pkcs11-spy, with which a test counts C_Login calls.
+"$root/softhsm/ensure-softhsm.sh" opensc-pkcs11
 cd "$root"
 cargo test --locked "$@"

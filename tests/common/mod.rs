@@ -179,10 +179,10 @@ impl Server {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("listening on http://") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(line[i + "listening on http://".len()..].trim().to_owned());
-                    }
+                if let Some(i) = line.find("listening on http://")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line[i + "listening on http://".len()..].trim().to_owned());
                 }
                 let mut l = log2.lock().unwrap();
                 l.push_str(&line);
