@@ -203,7 +203,6 @@ fn serve(path: &Path) -> Result<(), String> {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(web::Data::new(Arc::clone(&app_state)))
-                .app_data(web::PayloadConfig::new(api::MAX_BODY))
                 .default_service(web::to(api::dispatch))
         })
         .workers(workers)

@@ -48,6 +48,11 @@ impl Caller {
         self.permissions.values().any(|p| p.contains(&permission))
     }
 
+    /// Whether the caller holds any permission on any template.
+    pub fn sees_any(&self) -> bool {
+        self.permissions.values().any(|p| !p.is_empty())
+    }
+
     /// Whether the caller holds any permission on the template.
     pub fn sees(&self, template: &Uuid) -> bool {
         self.permissions

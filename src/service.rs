@@ -87,6 +87,24 @@ fn authorize<T>(
     }
 }
 
+/// Resolves an object for a caller who needs some permission on its template; as in
+/// [`authorize`], callers with no permission at all cannot tell unknown ids from others.
+fn visible<T>(
+    caller: &Caller,
+    found: Option<T>,
+    template_of: impl Fn(&T) -> Uuid,
+    what: &str,
+) -> Result<T, ServiceError> {
+    match found {
+        Some(item) if caller.sees(&template_of(&item)) => Ok(item),
+        None if caller.sees_any() => Err(ServiceError::NotFound(format!("{what} not found"))),
+        _ => Err(forbidden(
+            "PermissionDenied",
+            format!("caller holds no permission on this {what}'s profile template"),
+        )),
+    }
+}
+
 impl Service {
     pub fn new(
         templates: Vec<Template>,
@@ -241,14 +259,7 @@ impl Service {
 
     pub async fn get_request(&self, caller: &Caller, id: Uuid) -> Result<Request, ServiceError> {
         let found = self.read(move |tx| Ok(tx.request(&id)?)).await?;
-        match found {
-            Some(r) if caller.sees(&r.template) => Ok(r),
-            Some(_) => Err(forbidden(
-                "PermissionDenied",
-                "caller holds no permission on this request's profile template",
-            )),
-            None => Err(ServiceError::NotFound("request not found".into())),
-        }
+        visible(caller, found, |r| r.template, "request")
     }
 
     /// `PUT /requests/{id}`: approve, deny, complete, cancel or abandon.
@@ -312,15 +323,22 @@ impl Service {
                 }
                 Action::Deny => tx.set_request_status(&id, RequestStatus::Denied)?,
                 Action::Complete => {
-                    if r.status != RequestStatus::Executing {
+                    // Requests on an issued card need no binding step, so Approved will do.
+                    let on_issued_card =
+                        r.old_smartcard.is_some() && r.status == RequestStatus::Approved;
+                    if r.status != RequestStatus::Executing && !on_issued_card {
                         return conflict("complete");
                     }
                     tx.set_request_status(&id, RequestStatus::Completed)?;
                     if let Some(card) = r.new_smartcard {
                         tx.set_card_status(&card, SmartcardStatus::Active)?;
                     }
-                    if let (RequestType::Retire, Some(card)) = (r.request_type, r.old_smartcard) {
-                        tx.set_card_status(&card, SmartcardStatus::Retired)?;
+                    if let Some(card) = r.old_smartcard {
+                        let status = match r.request_type {
+                            RequestType::Retire => SmartcardStatus::Retired,
+                            _ => SmartcardStatus::Active,
+                        };
+                        tx.set_card_status(&card, status)?;
                     }
                 }
                 Action::Cancel | Action::Abandon => {
@@ -385,11 +403,13 @@ impl Service {
                 ));
             }
             let existing = tx.card_by_card_id(&card_id)?;
-            // The request's own card again: idempotent.
+            // The request's own card again: idempotent (and for a request on an issued card,
+            // the start of its execution).
             if let Some(card) = existing.as_ref().filter(|c| r.binds(&c.uuid)) {
                 if let Some(atr) = &atr {
                     tx.set_card_atr(&card.uuid, atr)?;
                 }
+                tx.set_request_status(&request_id, RequestStatus::Executing)?;
                 return Ok(tx.card(&card.uuid)?.unwrap_or_else(|| card.clone()));
             }
             if r.new_smartcard.is_some() || r.old_smartcard.is_some() {
@@ -399,6 +419,13 @@ impl Service {
             }
             let card = match existing {
                 Some(card) => {
+                    // A card's key is pinned to the template it was issued under: moving it
+                    // would hand its key to callers of another template.
+                    if card.template != template_id {
+                        return Err(ServiceError::Conflict(
+                            "the card was issued under another profile template".into(),
+                        ));
+                    }
                     if tx
                         .open_requests_binding(&card.uuid)?
                         .iter()
@@ -436,14 +463,7 @@ impl Service {
 
     pub async fn get_card(&self, caller: &Caller, id: Uuid) -> Result<Smartcard, ServiceError> {
         let found = self.read(move |tx| Ok(tx.card(&id)?)).await?;
-        match found {
-            Some(c) if caller.sees(&c.template) => Ok(c),
-            Some(_) => Err(forbidden(
-                "PermissionDenied",
-                "caller holds no permission on this card's profile template",
-            )),
-            None => Err(ServiceError::NotFound("smart card not found".into())),
-        }
+        visible(caller, found, |c| c.template, "smart card")
     }
 
     /// Cards with this card ID that the caller may see (zero or one).
@@ -489,7 +509,7 @@ impl Service {
                 ),
             ));
         }
-        if !request.binds(&card.uuid) {
+        if !request.binds(&card.uuid) || card.template != request.template {
             return Err(forbidden(
                 "CardNotBound",
                 "the smart card is not bound to this request",

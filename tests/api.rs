@@ -1315,9 +1315,13 @@ fn request_rules() {
         "Conflict",
         "a completed request cannot be canceled"
     );
+    // Another template may not take the card over (its key is pinned to this one).
     let r = env.bind(AGENT, &other, &card);
+    assert_eq!(error_code(&r, 409), "Conflict");
+    let again = env.approved_request(T_APPROVE);
+    let r = env.bind(AGENT, &again, &card);
     assert_eq!(r.created_id(), scid, "the card keeps its identity");
-    assert_eq!(env.key_for(&other, &scid, &card), key);
+    assert_eq!(env.key_for(&again, &scid, &card), key);
     let r = env.key(AGENT, &pending, &scid, &format!("cardid={card}"));
     assert_eq!(error_code(&r, 403), "RequestNotActive");
 

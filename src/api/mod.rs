@@ -7,6 +7,7 @@ mod wire;
 use std::sync::Arc;
 use std::time::Instant;
 
+use actix_web::error::PayloadError;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -193,10 +194,20 @@ struct Body(serde_json::Map<String, Value>);
 
 impl Body {
     fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
-        match serde_json::from_slice(bytes) {
-            Ok(Value::Object(map)) => Ok(Self(map)),
-            _ => Err(ApiError::bad_request("the body must be a JSON object")),
+        let map = match serde_json::from_slice(bytes) {
+            Ok(Value::Object(map)) => map,
+            _ => return Err(ApiError::bad_request("the body must be a JSON object")),
+        };
+        // Names match in any case, so two spellings of one name would be ambiguous.
+        let mut names: Vec<String> = map.keys().map(|k| k.to_ascii_lowercase()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ApiError::bad_request(format!(
+                "property {} appears twice",
+                w[0]
+            )));
         }
+        Ok(Self(map))
     }
     fn get(&self, name: &str) -> Option<&Value> {
         self.0
@@ -239,10 +250,29 @@ fn no_store(mut resp: HttpResponse) -> HttpResponse {
     resp
 }
 
+/// The request body, at most [`MAX_BODY`] bytes.
+async fn read_body(payload: web::Payload) -> Result<web::Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PayloadTooLarge",
+            format!("the body exceeds {MAX_BODY} bytes"),
+        )
+    };
+    match payload.to_bytes_limited(MAX_BODY).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Err(_) => Err(too_large()),
+        Ok(Err(e)) if matches!(e.as_error::<PayloadError>(), Some(PayloadError::Overflow)) => {
+            Err(too_large())
+        }
+        Ok(Err(_)) => Err(ApiError::bad_request("the body could not be read")),
+    }
+}
+
 /// Every request enters here.
 pub async fn dispatch(
     req: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<Arc<AppState>>,
 ) -> HttpResponse {
     let started = Instant::now();
@@ -252,9 +282,9 @@ pub async fn dispatch(
         let route = route(req.method(), req.path());
         let name = route.as_ref().map_or("unmatched", Route::name);
         let mut caller_name = None;
-        let result = match route {
-            Ok(route) => handle(&req, &body, &state, route, &mut caller_name).await,
-            Err(e) => Err(e),
+        let result = match (route, read_body(payload).await) {
+            (Ok(route), Ok(body)) => handle(&req, &body, &state, route, &mut caller_name).await,
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
         let mut resp = match result {
             Ok(resp) => resp,
