@@ -9,14 +9,19 @@ use actix_web::{App, HttpServer, web};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use zeroize::Zeroizing;
 
+use std::io::Write;
+
 use crate::api::{self, AppState};
+use crate::audit::{self, AuditEvent};
 use crate::config::{Config, Template};
 use crate::diversify::AesKeySize;
-use crate::hsm::{DerivationPool, Hsm, MasterKeyRef};
+use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef};
 use crate::logging;
 use crate::policy::Policy;
+use crate::ratelimit::KeyReleaseLimiter;
 use crate::service::Service;
 use crate::store::Store;
+use crate::tls;
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +52,23 @@ enum Command {
     Keys(KeysCommand),
     /// Print the SHA-256 (hex) of a bearer token read from standard input, for `token_sha256`.
     TokenHash,
+    /// Check or export the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify the hash chain; names the first bad record and exits nonzero.
+    Verify(ConfigArg),
+    /// Print the records as JSON lines.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only records from this UTC time on (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ).
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -104,6 +126,7 @@ pub fn run() -> i32 {
         Command::Check(c) => check(&c.config),
         Command::Keys(k) => keys(k),
         Command::TokenHash => token_hash(),
+        Command::Audit(a) => audit_command(a),
     };
     match result {
         Ok(()) => 0,
@@ -177,6 +200,7 @@ fn serve(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     logging::init(config.log.format, &config.log.level);
     let templates = config.templates().map_err(|e| e.to_string())?;
+    let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let hsm = Arc::new(open_hsm(&config)?);
     let masters = master_keys(&hsm, &templates)?;
     for key in masters.values() {
@@ -193,6 +217,7 @@ fn serve(path: &Path) -> Result<(), String> {
     let state = Arc::new(AppState {
         service: Service::new(templates, masters, store, pool),
         policy: Policy::new(&config.caller),
+        limiter: config.rate_limit.as_ref().map(KeyReleaseLimiter::new),
     });
     let workers = config
         .workers
@@ -207,10 +232,15 @@ fn serve(path: &Path) -> Result<(), String> {
         })
         .workers(workers)
         .shutdown_timeout(10)
-        .bind(listen)
+        .on_connect(tls::on_connect);
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let server = match tls {
+            Some(tls) => server.bind_rustls_0_23(listen, tls),
+            None => server.bind(listen),
+        }
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         for addr in server.addrs() {
-            tracing::info!("listening on http://{addr}");
+            tracing::info!("listening on {scheme}://{addr}");
         }
         server.run().await.map_err(|e| e.to_string())
     })?;
@@ -223,6 +253,139 @@ fn serve(path: &Path) -> Result<(), String> {
         hsm.close().map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Audit records of key-management commands, in the service's store.
+struct CliAudit(Store);
+
+impl CliAudit {
+    fn open(config: &Config) -> Result<Self, String> {
+        Store::open(&config.store.sqlite)
+            .map(Self)
+            .map_err(|e| format!("audit trail unavailable, nothing done: {e}"))
+    }
+
+    /// Records the outcome of a key action and passes it on (as a one-line error on failure).
+    fn outcome<T: AuditedKey>(
+        &self,
+        action: &str,
+        label: &str,
+        size: AesKeySize,
+        result: Result<T, HsmError>,
+    ) -> Result<T, String> {
+        let user = std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "unknown".into());
+        let event = AuditEvent {
+            caller: Some(format!("cli:{user}")),
+            source: Some("cli".into()),
+            action: action.into(),
+            algorithm: Some(size.name().into()),
+            master_key_label: Some(label.into()),
+            master_key_version: result.as_ref().ok().and_then(AuditedKey::version),
+            kcv: result.as_ref().ok().and_then(AuditedKey::kcv),
+            outcome: match &result {
+                Ok(_) => "done".into(),
+                Err(e) => format!("refused: {e}"),
+            },
+            ..AuditEvent::default()
+        };
+        self.0
+            .write(|tx| tx.append_audit(&event))
+            .map_err(|e| format!("{action}: audit record not written: {e}"))?;
+        result.map_err(|e| e.to_string())
+    }
+}
+
+/// What the audit trail records of a key-management result.
+trait AuditedKey {
+    fn version(&self) -> Option<u32>;
+    fn kcv(&self) -> Option<String>;
+}
+
+impl AuditedKey for MasterKeyRef {
+    fn version(&self) -> Option<u32> {
+        Some(self.version)
+    }
+    fn kcv(&self) -> Option<String> {
+        Some(self.kcv.to_string())
+    }
+}
+
+impl AuditedKey for () {
+    fn version(&self) -> Option<u32> {
+        None
+    }
+    fn kcv(&self) -> Option<String> {
+        None
+    }
+}
+
+fn audit_command(command: AuditCommand) -> Result<(), String> {
+    match command {
+        AuditCommand::Verify(c) => {
+            let config = load(&c.config)?;
+            let store = Store::open(&config.store.sqlite).map_err(|e| e.to_string())?;
+            let records = store
+                .read(|tx| tx.audit_records(None))
+                .map_err(|e| e.to_string())?;
+            match audit::verify(records) {
+                Ok(head) => {
+                    println!(
+                        "ok: {} audit record(s), chain intact, head {}",
+                        head.records, head.last_hash
+                    );
+                    Ok(())
+                }
+                Err(b) => Err(format!("audit record {}: {}", b.id, b.reason)),
+            }
+        }
+        AuditCommand::Export { config, since } => {
+            let config = load(&config.config)?;
+            let store = Store::open(&config.store.sqlite).map_err(|e| e.to_string())?;
+            let since = since.map(|s| normalize_since(&s)).transpose()?;
+            let records = store
+                .read(|tx| tx.audit_records(since.as_deref()))
+                .map_err(|e| e.to_string())?;
+            let mut out = std::io::stdout().lock();
+            for r in records {
+                let line = serde_json::to_string(&r).map_err(|e| e.to_string())?;
+                writeln!(out, "{line}").map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `--since` as stored times compare: `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+fn normalize_since(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let digits =
+        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let date = b.len() >= 10
+        && digits(0..4)
+        && b[4] == b'-'
+        && digits(5..7)
+        && b[7] == b'-'
+        && digits(8..10);
+    if date && b.len() == 10 {
+        return Ok(s.to_owned());
+    }
+    let time = b.len() >= 20
+        && b[10] == b'T'
+        && digits(11..13)
+        && b[13] == b':'
+        && digits(14..16)
+        && b[16] == b':'
+        && digits(17..19)
+        && s.ends_with('Z');
+    match (date, time, b.len()) {
+        (true, true, 20) => Ok(format!("{}.000Z", &s[..19])),
+        (true, true, _) => Ok(s.to_owned()),
+        _ => Err(format!(
+            "--since {s:?}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS[.fff]Z (UTC)"
+        )),
+    }
 }
 
 fn parse_hex_secret(what: &str, text: &str) -> Result<Zeroizing<Vec<u8>>, String> {
@@ -240,10 +403,16 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             key_type,
         } => {
             let config = load(&config.config)?;
+            // The audit trail must be writable before the HSM is touched.
+            let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
-            let key = hsm
-                .generate_master_key(&label, key_type.into())
-                .map_err(|e| e.to_string())?;
+            let size: AesKeySize = key_type.into();
+            let key = audit.outcome(
+                "master_key.generate",
+                &label,
+                size,
+                hsm.generate_master_key(&label, size),
+            )?;
             println!(
                 "generated label={} type={} version={} kcv={}",
                 key.label,
@@ -289,6 +458,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                     }
                 })
                 .transpose()?;
+            let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
             let prepared = hsm.prepare_import(&parts).map_err(|e| e.to_string())?;
             for (i, k) in prepared.component_kcvs.iter().enumerate() {
@@ -298,14 +468,23 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             if let Some(expected) = expected
                 && prepared.kcv.to_string() != expected
             {
-                return Err(format!(
+                let message = format!(
                     "combined key KCV {} does not match --kcv {expected}; nothing imported",
                     prepared.kcv
-                ));
+                );
+                audit.outcome::<()>(
+                    "master_key.import",
+                    &label,
+                    size,
+                    Err(HsmError::Refused(message)),
+                )?;
             }
-            let key = hsm
-                .import_master_key(&label, prepared)
-                .map_err(|e| e.to_string())?;
+            let key = audit.outcome(
+                "master_key.import",
+                &label,
+                size,
+                hsm.import_master_key(&label, prepared),
+            )?;
             println!(
                 "imported label={} type={} version={} kcv={}",
                 key.label,

@@ -46,6 +46,41 @@ pub struct Config {
     pub profile_template: Vec<TemplateConfig>,
     #[serde(default)]
     pub caller: Vec<CallerConfig>,
+    /// TLS; without it divkey serves plain HTTP, and only on a loopback address.
+    pub tls: Option<TlsConfig>,
+    /// Limits on key release per caller; absent means no limit.
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM). Protect it like the PIN file.
+    pub key: PathBuf,
+    /// CA bundle (PEM) that client certificates must chain to.
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Off,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Key releases per second each caller may sustain.
+    pub per_second: f64,
+    /// Releases a caller may make in a burst.
+    pub burst: u32,
 }
 
 fn default_listen() -> SocketAddr {
@@ -143,6 +178,9 @@ pub struct TemplateConfig {
     pub default_admin_key_hex: String,
     #[serde(default = "default_user_pin_option")]
     pub user_pin_option: String,
+    /// The approver of a request may not be its originator.
+    #[serde(default)]
+    pub separate_duties: bool,
 }
 
 fn yes() -> bool {
@@ -161,6 +199,12 @@ pub struct CallerConfig {
     pub name: String,
     /// Hex of SHA-256 of the caller's bearer token.
     pub token_sha256: Option<String>,
+    /// Hex of SHA-256 of the caller's client certificate (DER).
+    pub cert_sha256: Option<String>,
+    /// Subject of the caller's client certificate, e.g. "CN=agent, O=Example".
+    pub cert_subject: Option<String>,
+    /// A subject alternative name (DNS name, e-mail or URI) of the caller's client certificate.
+    pub cert_san: Option<String>,
     #[serde(default)]
     pub permissions: BTreeMap<Uuid, Vec<Permission>>,
 }
@@ -170,6 +214,9 @@ impl std::fmt::Debug for CallerConfig {
         f.debug_struct("CallerConfig")
             .field("name", &self.name)
             .field("token_sha256", &self.token_sha256.as_ref().map(|_| "***"))
+            .field("cert_sha256", &self.cert_sha256)
+            .field("cert_subject", &self.cert_subject)
+            .field("cert_san", &self.cert_san)
             .field("permissions", &self.permissions)
             .finish()
     }
@@ -189,6 +236,7 @@ pub struct Template {
     pub approvals_required: u32,
     pub default_admin_key_hex: String,
     pub user_pin_option: String,
+    pub separate_duties: bool,
 }
 
 impl Config {
@@ -217,8 +265,23 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
+        if let Some(tls) = config.tls.as_mut() {
+            for p in [
+                Some(&mut tls.cert),
+                Some(&mut tls.key),
+                tls.client_ca.as_mut(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
         config.templates()?;
         config.check_callers()?;
+        config.check_transport()?;
         if config.hsm.pin_file.is_some() == config.hsm.pin_env.is_some() {
             return Err(invalid("[hsm] needs exactly one of pin_file and pin_env"));
         }
@@ -256,6 +319,27 @@ impl Config {
         Ok(())
     }
 
+    fn check_transport(&self) -> Result<(), ConfigError> {
+        match &self.tls {
+            None if !self.listen.ip().is_loopback() => Err(invalid(format!(
+                "plain HTTP on {} is refused: configure [tls] or listen on a loopback address",
+                self.listen
+            ))),
+            Some(tls) if tls.client_auth != ClientAuth::Off && tls.client_ca.is_none() => Err(
+                invalid("[tls] client_auth = optional|required needs client_ca"),
+            ),
+            _ => Ok(()),
+        }?;
+        if let Some(r) = &self.rate_limit
+            && (!(r.per_second > 0.0 && r.per_second.is_finite()) || r.burst == 0)
+        {
+            return Err(invalid(
+                "[rate_limit] per_second must be positive and burst at least 1",
+            ));
+        }
+        Ok(())
+    }
+
     fn check_callers(&self) -> Result<(), ConfigError> {
         let known: Vec<Uuid> = self.profile_template.iter().map(|t| t.uuid).collect();
         for c in &self.caller {
@@ -264,6 +348,14 @@ impl Config {
             {
                 return Err(invalid(format!(
                     "caller {}: token_sha256 must be 64 hex digits",
+                    c.name
+                )));
+            }
+            if let Some(h) = &c.cert_sha256
+                && (h.len() != 64 || hex::decode(h).is_err())
+            {
+                return Err(invalid(format!(
+                    "caller {}: cert_sha256 must be 64 hex digits",
                     c.name
                 )));
             }
@@ -366,6 +458,7 @@ impl TemplateConfig {
             approvals_required: self.approvals_required,
             default_admin_key_hex: self.default_admin_key_hex.to_uppercase(),
             user_pin_option: self.user_pin_option.clone(),
+            separate_duties: self.separate_duties,
         })
     }
 }

@@ -4,12 +4,16 @@
 //! `diversify` and `domain` depend on nothing else of divkey.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod diversify;
 pub mod domain;
 pub mod hsm;
+pub mod kcv;
 pub mod logging;
 pub mod policy;
+pub mod ratelimit;
 pub mod service;
 pub mod store;
+pub mod tls;

@@ -8,6 +8,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+use x509_parser::extensions::GeneralName;
+
 use crate::config::CallerConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -61,9 +63,97 @@ impl Caller {
     }
 }
 
+/// What a verified client certificate says about its holder; computed once per connection.
+#[derive(Clone, Debug)]
+pub struct ClientCertificate {
+    pub sha256: [u8; 32],
+    pub subject: String,
+    pub sans: Vec<String>,
+}
+
+impl ClientCertificate {
+    /// Reads the fingerprint, subject and subject alternative names of a DER certificate
+    /// that the TLS layer has already verified.
+    pub fn from_der(der: &[u8]) -> Self {
+        let sha256 = Sha256::digest(der).into();
+        let (subject, sans) = match x509_parser::parse_x509_certificate(der) {
+            Ok((_, cert)) => {
+                let sans = cert
+                    .subject_alternative_name()
+                    .ok()
+                    .flatten()
+                    .map(|ext| {
+                        ext.value
+                            .general_names
+                            .iter()
+                            .filter_map(|n| match n {
+                                GeneralName::DNSName(s)
+                                | GeneralName::RFC822Name(s)
+                                | GeneralName::URI(s) => Some((*s).to_owned()),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (cert.subject().to_string(), sans)
+            }
+            Err(_) => (String::new(), Vec::new()),
+        };
+        Self {
+            sha256,
+            subject,
+            sans,
+        }
+    }
+}
+
+/// "CN=a, O=b" and "cn=a,o=b" compare equal.
+fn normalize_dn(dn: &str) -> String {
+    dn.split(',')
+        .map(|part| {
+            part.split_once('=').map_or_else(
+                || part.trim().to_lowercase(),
+                |(k, v)| format!("{}={}", k.trim().to_lowercase(), v.trim().to_lowercase()),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("credentials required")]
+    Missing,
+    #[error("invalid credentials")]
+    UnknownToken,
+    #[error("client certificate not mapped to a caller")]
+    UnknownCertificate,
+    #[error("the certificate and the token name different callers")]
+    Mismatch,
+}
+
 struct Credential {
-    token_sha256: [u8; 32],
+    token_sha256: Option<[u8; 32]>,
+    cert_sha256: Option<[u8; 32]>,
+    cert_subject: Option<String>,
+    cert_san: Option<String>,
     caller: Caller,
+}
+
+impl Credential {
+    fn matches_cert(&self, cert: &ClientCertificate) -> bool {
+        let by_hash = self
+            .cert_sha256
+            .is_some_and(|h| bool::from(h.ct_eq(&cert.sha256)));
+        let by_subject = self.cert_subject.as_ref().is_some_and(|s| {
+            !cert.subject.is_empty() && normalize_dn(s) == normalize_dn(&cert.subject)
+        });
+        let by_san = self
+            .cert_san
+            .as_ref()
+            .is_some_and(|s| cert.sans.iter().any(|n| n.eq_ignore_ascii_case(s)));
+        by_hash || by_subject || by_san
+    }
 }
 
 /// The configured callers, looked up by credential.
@@ -76,23 +166,27 @@ const CALLER_NAMESPACE: Uuid = Uuid::from_u128(0x6f1e_2b9a_4d4c_4e0b_9a53_0c7d_2
 
 impl Policy {
     pub fn new(callers: &[CallerConfig]) -> Self {
+        let hash = |h: &Option<String>| {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(h.as_deref()?, &mut out).ok()?;
+            Some(out)
+        };
         let credentials = callers
             .iter()
-            .filter_map(|c| {
-                let mut token_sha256 = [0u8; 32];
-                hex::decode_to_slice(c.token_sha256.as_deref()?, &mut token_sha256).ok()?;
-                Some(Credential {
-                    token_sha256,
-                    caller: Caller {
-                        name: c.name.clone(),
-                        uuid: Uuid::new_v5(&CALLER_NAMESPACE, c.name.as_bytes()),
-                        permissions: c
-                            .permissions
-                            .iter()
-                            .map(|(t, p)| (*t, p.iter().copied().collect()))
-                            .collect(),
-                    },
-                })
+            .map(|c| Credential {
+                token_sha256: hash(&c.token_sha256),
+                cert_sha256: hash(&c.cert_sha256),
+                cert_subject: c.cert_subject.clone(),
+                cert_san: c.cert_san.clone(),
+                caller: Caller {
+                    name: c.name.clone(),
+                    uuid: Uuid::new_v5(&CALLER_NAMESPACE, c.name.as_bytes()),
+                    permissions: c
+                        .permissions
+                        .iter()
+                        .map(|(t, p)| (*t, p.iter().copied().collect()))
+                        .collect(),
+                },
             })
             .collect();
         Self { credentials }
@@ -104,11 +198,40 @@ impl Policy {
         let presented: [u8; 32] = Sha256::digest(token).into();
         let mut found = None;
         for cred in &self.credentials {
-            if bool::from(cred.token_sha256.ct_eq(&presented)) && found.is_none() {
+            let equal = cred
+                .token_sha256
+                .is_some_and(|h| bool::from(h.ct_eq(&presented)));
+            if equal && found.is_none() {
                 found = Some(&cred.caller);
             }
         }
         found
+    }
+
+    /// The caller behind the presented credentials. Every credential presented must be known,
+    /// and when both a certificate and a token are presented they must name the same caller.
+    pub fn authenticate(
+        &self,
+        token: Option<&[u8]>,
+        cert: Option<&ClientCertificate>,
+    ) -> Result<&Caller, AuthError> {
+        let by_token = token
+            .map(|t| self.authenticate_token(t).ok_or(AuthError::UnknownToken))
+            .transpose()?;
+        let by_cert = cert
+            .map(|c| {
+                self.credentials
+                    .iter()
+                    .find(|cred| cred.matches_cert(c))
+                    .map(|cred| &cred.caller)
+                    .ok_or(AuthError::UnknownCertificate)
+            })
+            .transpose()?;
+        match (by_token, by_cert) {
+            (Some(t), Some(c)) if t.name != c.name => Err(AuthError::Mismatch),
+            (Some(caller), _) | (None, Some(caller)) => Ok(caller),
+            (None, None) => Err(AuthError::Missing),
+        }
     }
 }
 

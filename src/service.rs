@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use crate::audit::AuditEvent;
 use crate::config::Template;
 use crate::diversify::AdminKey;
 use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
@@ -29,12 +30,46 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Internal(String),
+    /// The audit record could not be written, so nothing was released.
+    #[error("audit trail unavailable: {0}")]
+    AuditUnavailable(String),
 }
 
 fn forbidden(code: &'static str, message: impl Into<String>) -> ServiceError {
     ServiceError::Forbidden {
         code,
         message: message.into(),
+    }
+}
+
+/// Who is calling, from where, under which correlation id: the audit trail's "who".
+pub struct CallContext<'a> {
+    pub caller: &'a Caller,
+    pub source: Option<String>,
+    pub correlation_id: String,
+}
+
+impl CallContext<'_> {
+    fn event(&self, action: &str) -> AuditEvent {
+        AuditEvent {
+            caller: Some(self.caller.name.clone()),
+            source: self.source.clone(),
+            correlation_id: Some(self.correlation_id.clone()),
+            action: action.to_owned(),
+            ..AuditEvent::default()
+        }
+    }
+}
+
+/// The audit outcome of a refused key request.
+fn outcome_of(e: &ServiceError) -> String {
+    match e {
+        ServiceError::Forbidden { code, .. } => format!("denied:{code}"),
+        ServiceError::NotFound(_) => "not_found".into(),
+        ServiceError::BadInput(_) => "bad_request".into(),
+        ServiceError::Conflict(_) => "conflict".into(),
+        ServiceError::Hsm(h) if h.is_transient() => "hsm_unavailable".into(),
+        _ => "error".into(),
     }
 }
 
@@ -169,9 +204,10 @@ impl Service {
 
     pub async fn create_request(
         &self,
-        caller: &Caller,
+        ctx: &CallContext<'_>,
         new: NewRequest,
     ) -> Result<Request, ServiceError> {
+        let caller = ctx.caller;
         if new.request_type == RequestType::None {
             return Err(ServiceError::BadInput(
                 "type None cannot be requested".into(),
@@ -244,6 +280,12 @@ impl Service {
             submitted: String::new(),
             completed: None,
         };
+        let mut event = ctx.event("request.create");
+        event.request = Some(request.uuid);
+        event.smartcard = request.old_smartcard;
+        event.card_id = existing.as_ref().map(|c| c.card_id.to_string());
+        event.template = Some(request.template);
+        event.outcome = request.status.name().to_owned();
         self.write(move |tx| {
             if let Some(card) = &existing
                 && !tx.open_requests_binding(&card.uuid)?.is_empty()
@@ -252,7 +294,9 @@ impl Service {
                     "the smart card already has an open request".into(),
                 ));
             }
-            Ok(tx.insert_request(&request)?)
+            let created = tx.insert_request(&request)?;
+            tx.append_audit(&event)?;
+            Ok(created)
         })
         .await
     }
@@ -265,10 +309,11 @@ impl Service {
     /// `PUT /requests/{id}`: approve, deny, complete, cancel or abandon.
     pub async fn set_request_status(
         &self,
-        caller: &Caller,
+        ctx: &CallContext<'_>,
         id: Uuid,
         status: &str,
     ) -> Result<Request, ServiceError> {
+        let caller = ctx.caller;
         #[derive(Clone, Copy)]
         enum Action {
             Approve,
@@ -300,7 +345,19 @@ impl Service {
         let found = self.read(move |tx| Ok(tx.request(&id)?)).await?;
         let request = authorize(caller, permission, found, |r| r.template, "request")?;
         let needed = required(&request.template);
+        let separate_duties = self
+            .template(&request.template)
+            .is_some_and(|t| t.separate_duties);
         let approver = caller.name.clone();
+        let mut event = ctx.event(match action {
+            Action::Approve => "request.approve",
+            Action::Deny => "request.deny",
+            Action::Complete => "request.complete",
+            Action::Cancel => "request.cancel",
+            Action::Abandon => "request.abandon",
+        });
+        event.request = Some(id);
+        event.template = Some(request.template);
         self.write(move |tx| {
             // Re-read inside the write transaction: the state may have moved meanwhile.
             let r = tx
@@ -317,6 +374,12 @@ impl Service {
                     return conflict("decide");
                 }
                 Action::Approve => {
+                    if separate_duties && r.originator_name == approver {
+                        return Err(forbidden(
+                            "SeparationOfDuties",
+                            "the originator of a request may not approve it",
+                        ));
+                    }
                     if tx.add_approval(&id, &approver)? >= needed {
                         tx.set_request_status(&id, RequestStatus::Approved)?;
                     }
@@ -352,8 +415,13 @@ impl Service {
                     tx.set_request_status(&id, to)?;
                 }
             }
-            tx.request(&id)?
-                .ok_or_else(|| ServiceError::Internal("request vanished".into()))
+            let after = tx
+                .request(&id)?
+                .ok_or_else(|| ServiceError::Internal("request vanished".into()))?;
+            event.smartcard = after.new_smartcard.or(after.old_smartcard);
+            event.outcome = after.status.name().to_owned();
+            tx.append_audit(&event)?;
+            Ok(after)
         })
         .await
     }
@@ -362,11 +430,12 @@ impl Service {
     /// derivation (master key label, version, algorithm settings) is pinned at its first binding.
     pub async fn bind_card(
         &self,
-        caller: &Caller,
+        ctx: &CallContext<'_>,
         request_id: Uuid,
         card_id: CardId,
         atr: Option<Atr>,
     ) -> Result<Smartcard, ServiceError> {
+        let caller = ctx.caller;
         let found = self.read(move |tx| Ok(tx.request(&request_id)?)).await?;
         let request = authorize(caller, Permission::Bind, found, |r| r.template, "request")?;
         let template = self.template(&request.template).ok_or_else(|| {
@@ -389,6 +458,11 @@ impl Service {
             _ => None,
         };
         let template_id = template.uuid;
+        let mut event = ctx.event("card.bind");
+        event.request = Some(request_id);
+        event.card_id = Some(card_id.to_string());
+        event.template = Some(template_id);
+        event.outcome = RequestStatus::Executing.name().to_owned();
         self.write(move |tx| {
             let r = tx
                 .request(&request_id)?
@@ -410,6 +484,8 @@ impl Service {
                     tx.set_card_atr(&card.uuid, atr)?;
                 }
                 tx.set_request_status(&request_id, RequestStatus::Executing)?;
+                event.smartcard = Some(card.uuid);
+                tx.append_audit(&event)?;
                 return Ok(tx.card(&card.uuid)?.unwrap_or_else(|| card.clone()));
             }
             if r.new_smartcard.is_some() || r.old_smartcard.is_some() {
@@ -456,6 +532,8 @@ impl Service {
             };
             tx.set_request_new_card(&request_id, &card.uuid)?;
             tx.set_request_status(&request_id, RequestStatus::Executing)?;
+            event.smartcard = Some(card.uuid);
+            tx.append_audit(&event)?;
             Ok(tx.card(&card.uuid)?.unwrap_or(card))
         })
         .await
@@ -482,12 +560,55 @@ impl Service {
     }
 
     /// The diversifiedkey decision of SPEC section 2, steps 2 to 7 (the API did 1).
+    ///
+    /// Every outcome is audited; a released key is audited before it is returned, and if that
+    /// record cannot be written the key is dropped (wiped) and the call fails.
     pub async fn release_key(
+        &self,
+        ctx: &CallContext<'_>,
+        request_id: Uuid,
+        card_uuid: Uuid,
+        card_id: CardId,
+    ) -> Result<KeyRelease, ServiceError> {
+        let mut event = ctx.event("key.release");
+        event.request = Some(request_id);
+        event.smartcard = Some(card_uuid);
+        event.card_id = Some(card_id.to_string());
+        let result = self
+            .decide_release(ctx.caller, request_id, card_uuid, card_id, &mut event)
+            .await;
+        event.outcome = match &result {
+            Ok(KeyRelease::Key { .. }) => "released".into(),
+            Ok(KeyRelease::NotDiversified) => "default_key".into(),
+            Err(e) => outcome_of(e),
+        };
+        let outcome = event.outcome.clone();
+        match (result, self.record(event).await) {
+            (Ok(release), Ok(())) => Ok(release),
+            (Ok(_withheld), Err(e)) => {
+                tracing::error!(error = %e, outcome, "audit write failed: key withheld");
+                Err(ServiceError::AuditUnavailable(e.to_string()))
+            }
+            (Err(refusal), Err(e)) => {
+                tracing::error!(error = %e, outcome, "audit write failed");
+                Err(refusal)
+            }
+            (Err(refusal), Ok(())) => Err(refusal),
+        }
+    }
+
+    /// Appends one audit record.
+    pub async fn record(&self, event: AuditEvent) -> Result<(), ServiceError> {
+        self.write(move |tx| Ok(tx.append_audit(&event)?)).await
+    }
+
+    async fn decide_release(
         &self,
         caller: &Caller,
         request_id: Uuid,
         card_uuid: Uuid,
         card_id: CardId,
+        event: &mut AuditEvent,
     ) -> Result<KeyRelease, ServiceError> {
         let (request, card) = self
             .read(move |tx| Ok((tx.request(&request_id)?, tx.card(&card_uuid)?)))
@@ -499,6 +620,7 @@ impl Service {
             |r| r.template,
             "request",
         )?;
+        event.template = Some(request.template);
         let card = card.ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
         if !request.status.releases_keys() {
             return Err(forbidden(
@@ -533,6 +655,9 @@ impl Service {
         let Some(binding) = card.key else {
             return Ok(KeyRelease::NotDiversified);
         };
+        event.algorithm = Some(binding.derivation.algorithm_name());
+        event.master_key_label = Some(binding.master_key_label.clone());
+        event.master_key_version = Some(binding.version);
         let master = self
             .masters
             .get(&binding.master_key_label)
@@ -547,6 +672,7 @@ impl Service {
             .pool
             .derive_admin_key(master, &binding.derivation, card.card_id)
             .await?;
+        event.kcv = crate::kcv::admin_key_kcv(&key).map(|k| k.to_string());
         Ok(KeyRelease::Key {
             key,
             master_key_label: binding.master_key_label,

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use uuid::Uuid;
 
+use crate::audit::{AuditEvent, AuditRecord, GENESIS, chain_hash};
 use crate::diversify::Derivation;
 use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
 
@@ -24,7 +25,8 @@ pub enum StoreError {
 }
 
 /// Schema steps; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE requests (
     uuid               TEXT PRIMARY KEY,
     request_type       INTEGER NOT NULL,
@@ -59,7 +61,35 @@ CREATE TABLE smartcards (
 );
 CREATE INDEX requests_new_card ON requests(new_smartcard_uuid);
 CREATE INDEX requests_old_card ON requests(old_smartcard_uuid);
-"#];
+"#,
+    r#"
+CREATE TABLE audit (
+    id                 INTEGER PRIMARY KEY,
+    time               TEXT NOT NULL,
+    caller             TEXT,
+    source             TEXT,
+    correlation_id     TEXT,
+    action             TEXT NOT NULL,
+    request_uuid       TEXT,
+    smartcard_uuid     TEXT,
+    card_id            TEXT,
+    template_uuid      TEXT,
+    algorithm          TEXT,
+    master_key_label   TEXT,
+    master_key_version INTEGER,
+    kcv                TEXT,
+    outcome            TEXT NOT NULL,
+    prev_hash          TEXT NOT NULL,
+    hash               TEXT NOT NULL
+);
+CREATE INDEX audit_time ON audit(time);
+-- Append-only for divkey itself; the hash chain catches what bypasses these.
+CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+"#,
+];
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ','now')";
 
@@ -339,6 +369,85 @@ impl Tx<'_> {
             params![id.to_string(), atr.as_str()],
         )?;
         Ok(())
+    }
+}
+
+const AUDIT_COLUMNS: &str = "id, time, caller, source, correlation_id, action, request_uuid, \
+     smartcard_uuid, card_id, template_uuid, algorithm, master_key_label, master_key_version, kcv, \
+     outcome, prev_hash, hash";
+
+fn audit_row(row: &Row) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        id: row.get(0)?,
+        time: row.get(1)?,
+        event: AuditEvent {
+            caller: row.get(2)?,
+            source: row.get(3)?,
+            correlation_id: row.get(4)?,
+            action: row.get(5)?,
+            request: opt_uuid_col(row, 6)?,
+            smartcard: opt_uuid_col(row, 7)?,
+            card_id: row.get(8)?,
+            template: opt_uuid_col(row, 9)?,
+            algorithm: row.get(10)?,
+            master_key_label: row.get(11)?,
+            master_key_version: row.get(12)?,
+            kcv: row.get(13)?,
+            outcome: row.get(14)?,
+        },
+        prev_hash: row.get(15)?,
+        hash: row.get(16)?,
+    })
+}
+
+impl Tx<'_> {
+    /// Appends one audit record, chained to the last one.
+    pub fn append_audit(&self, e: &AuditEvent) -> Result<(), StoreError> {
+        let (last_id, prev): (i64, String) = self
+            .0
+            .prepare_cached("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1")?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?
+            .unwrap_or((0, GENESIS.to_owned()));
+        let id = last_id + 1;
+        let time: String = self
+            .0
+            .query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))?;
+        let hash = chain_hash(&prev, id, &time, e);
+        self.0
+            .prepare_cached(&format!(
+                "INSERT INTO audit ({AUDIT_COLUMNS}) VALUES \
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+            ))?
+            .execute(params![
+                id,
+                time,
+                e.caller,
+                e.source,
+                e.correlation_id,
+                e.action,
+                e.request.map(|u| u.to_string()),
+                e.smartcard.map(|u| u.to_string()),
+                e.card_id,
+                e.template.map(|u| u.to_string()),
+                e.algorithm,
+                e.master_key_label,
+                e.master_key_version,
+                e.kcv,
+                e.outcome,
+                prev,
+                hash,
+            ])?;
+        Ok(())
+    }
+
+    /// Audit records in chain order, from `since` (an RFC 3339 time) on when given.
+    pub fn audit_records(&self, since: Option<&str>) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut stmt = self.0.prepare(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE ?1 IS NULL OR time >= ?1 ORDER BY id"
+        ))?;
+        let rows = stmt.query_map([since], audit_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 

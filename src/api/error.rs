@@ -13,6 +13,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for `Retry-After` (429 and 503).
+    pub retry_after: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -28,10 +30,24 @@ pub const RETRY_AFTER_SECS: u32 = 2;
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let retry_after =
+            (status == StatusCode::SERVICE_UNAVAILABLE).then_some(RETRY_AFTER_SECS.into());
         Self {
             status,
             code,
             message: message.into(),
+            retry_after,
+        }
+    }
+
+    pub fn rate_limited(wait: std::time::Duration) -> Self {
+        Self {
+            retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "RateLimited",
+                "too many key requests; retry later",
+            )
         }
     }
 
@@ -46,14 +62,11 @@ impl ApiError {
     pub fn response(&self, correlation_id: &str) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status);
         resp.insert_header((header::CACHE_CONTROL, HeaderValue::from_static("no-store")));
-        match self.status {
-            StatusCode::UNAUTHORIZED => {
-                resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
-            }
-            StatusCode::SERVICE_UNAVAILABLE => {
-                resp.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECS.to_string()));
-            }
-            _ => {}
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        if let Some(secs) = self.retry_after {
+            resp.insert_header((header::RETRY_AFTER, secs.to_string()));
         }
         resp.json(ErrorBody {
             message: &self.message,

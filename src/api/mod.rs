@@ -21,9 +21,11 @@ use zeroize::Zeroizing;
 
 pub use error::ApiError;
 
+use crate::audit::AuditEvent;
 use crate::domain::{Atr, CardId, RequestType, enum_from_json, parse_guid};
-use crate::policy::{Caller, Policy};
-use crate::service::{KeyRelease, NewRequest, Service};
+use crate::policy::{Caller, ClientCertificate, Policy};
+use crate::ratelimit::KeyReleaseLimiter;
+use crate::service::{CallContext, KeyRelease, NewRequest, Service};
 
 pub const PREFIX: &str = "/certificatemanagement/api/v1.0";
 pub const MAX_BODY: usize = 64 * 1024;
@@ -31,6 +33,7 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct AppState {
     pub service: Service,
     pub policy: Policy,
+    pub limiter: Option<KeyReleaseLimiter>,
 }
 
 /// The endpoints, resolved from method and path.
@@ -135,23 +138,26 @@ fn correlation_id(req: &HttpRequest) -> String {
         .map_or_else(|| Uuid::new_v4().to_string(), str::to_owned)
 }
 
+/// The caller behind the request's client certificate and/or bearer token.
 fn authenticate<'a>(req: &HttpRequest, policy: &'a Policy) -> Result<&'a Caller, ApiError> {
-    let value = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| ApiError::unauthorized("credentials required"))?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| {
-            let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        })
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::unauthorized("use Authorization: Bearer <token>"))?;
+    let token = match req.headers().get(header::AUTHORIZATION) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| {
+                    let (scheme, token) = v.split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+                })
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| ApiError::unauthorized("use Authorization: Bearer <token>"))?,
+        ),
+    };
+    let cert = req.conn_data::<ClientCertificate>();
     policy
-        .authenticate_token(token.as_bytes())
-        .ok_or_else(|| ApiError::unauthorized("invalid credentials"))
+        .authenticate(token.map(str::as_bytes), cert)
+        .map_err(|e| ApiError::unauthorized(e.to_string()))
 }
 
 /// Query parameters, names matched in any case; a repeated parameter is refused.
@@ -283,7 +289,9 @@ pub async fn dispatch(
         let name = route.as_ref().map_or("unmatched", Route::name);
         let mut caller_name = None;
         let result = match (route, read_body(payload).await) {
-            (Ok(route), Ok(body)) => handle(&req, &body, &state, route, &mut caller_name).await,
+            (Ok(route), Ok(body)) => {
+                handle(&req, &body, &state, route, &cid, &mut caller_name).await
+            }
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
         let mut resp = match result {
@@ -314,6 +322,7 @@ async fn handle(
     body: &[u8],
     state: &AppState,
     route: Route,
+    correlation_id: &str,
     caller_name: &mut Option<String>,
 ) -> Result<HttpResponse, ApiError> {
     let service = &state.service;
@@ -333,8 +342,34 @@ async fn handle(
         }
         _ => {}
     }
-    let caller = authenticate(req, &state.policy)?;
+    let source = req.peer_addr().map(|a| a.ip().to_string());
+    let caller = match authenticate(req, &state.policy) {
+        Ok(caller) => caller,
+        Err(e) => {
+            if let Route::DiversifiedKey(reqid, scid) = &route {
+                // Denials on the key endpoint are audited, unauthenticated ones included.
+                let event = AuditEvent {
+                    source,
+                    correlation_id: Some(correlation_id.to_owned()),
+                    action: "key.release".into(),
+                    request: parse_guid(reqid).ok(),
+                    smartcard: parse_guid(scid).ok(),
+                    outcome: "denied:Unauthorized".into(),
+                    ..AuditEvent::default()
+                };
+                if let Err(audit) = service.record(event).await {
+                    tracing::error!(error = %audit, "audit write failed");
+                }
+            }
+            return Err(e);
+        }
+    };
     *caller_name = Some(caller.name.clone());
+    let ctx = CallContext {
+        caller,
+        source,
+        correlation_id: correlation_id.to_owned(),
+    };
     let query = Query::parse(req)?;
     Ok(match route {
         Route::ProfileTemplates => {
@@ -373,7 +408,7 @@ async fn handle(
                 comment: b.string("comment")?.map(str::to_owned),
                 priority,
             };
-            let r = service.create_request(caller, new).await?;
+            let r = service.create_request(&ctx, new).await?;
             info!(request = %r.uuid, template = %r.template, status = r.status.name(), "request created");
             created("requests", r.uuid)
         }
@@ -388,7 +423,7 @@ async fn handle(
             let status = b
                 .string("status")?
                 .ok_or_else(|| ApiError::bad_request("status is required"))?;
-            let r = service.set_request_status(caller, id, status).await?;
+            let r = service.set_request_status(&ctx, id, status).await?;
             info!(request = %r.uuid, status = r.status.name(), "request status changed");
             json(StatusCode::OK, &wire::RequestBody::from(&r))
         }
@@ -399,7 +434,7 @@ async fn handle(
                 .ok_or_else(|| ApiError::bad_request("requestid is required"))?;
             let card = card_id(b.string("cardid")?)?;
             let atr = atr(b.string("atr")?)?;
-            let c = service.bind_card(caller, request, card, atr).await?;
+            let c = service.bind_card(&ctx, request, card, atr).await?;
             info!(request = %request, smartcard = %c.uuid, card_id = %c.card_id, "card bound");
             created("smartcards", c.uuid)
         }
@@ -419,7 +454,28 @@ async fn handle(
             let scid = guid("smart card id", &scid)?;
             let card = card_id(query.get("cardid")?)?;
             let atr = atr(query.get("atr")?)?;
-            match service.release_key(caller, reqid, scid, card).await? {
+            if let Some(wait) = state
+                .limiter
+                .as_ref()
+                .and_then(|l| l.take(&caller.name).err())
+            {
+                let event = AuditEvent {
+                    caller: Some(caller.name.clone()),
+                    source: ctx.source.clone(),
+                    correlation_id: Some(ctx.correlation_id.clone()),
+                    action: "key.release".into(),
+                    request: Some(reqid),
+                    smartcard: Some(scid),
+                    card_id: Some(card.to_string()),
+                    outcome: "denied:RateLimited".into(),
+                    ..AuditEvent::default()
+                };
+                if let Err(audit) = service.record(event).await {
+                    tracing::error!(error = %audit, "audit write failed");
+                }
+                return Err(ApiError::rate_limited(wait));
+            }
+            match service.release_key(&ctx, reqid, scid, card).await? {
                 KeyRelease::NotDiversified => {
                     info!(request = %reqid, smartcard = %scid, card_id = %card, "no diversification: default key applies");
                     no_store(HttpResponse::NoContent().finish())
