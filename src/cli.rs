@@ -171,12 +171,43 @@ fn master_keys(hsm: &Hsm, templates: &[Template]) -> Result<HashMap<String, Mast
     Ok(masters)
 }
 
+/// Refuses a token whose master key under a label and version is not the key that issued
+/// cards were derived with: serving would hand those cards wrong keys.
+fn check_issued_cards(
+    store: &Store,
+    masters: &HashMap<String, MasterKeyRef>,
+) -> Result<(), String> {
+    let in_use = store
+        .read(|tx| tx.master_keys_in_use())
+        .map_err(|e| e.to_string())?;
+    for (label, version, kcv) in in_use {
+        match (masters.get(&label), kcv) {
+            (Some(m), Some(kcv)) if m.version == version && m.kcv.to_string() != kcv => {
+                return Err(format!(
+                    "master key {label:?} version {version} on the token has KCV {}, but issued cards were derived under KCV {kcv}; refusing to serve wrong keys",
+                    m.kcv
+                ));
+            }
+            (None, _) => {
+                tracing::warn!(
+                    label,
+                    version,
+                    "cards were issued under a master key no template names"
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn check(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     let templates = config.templates().map_err(|e| e.to_string())?;
     let hsm = open_hsm(&config)?;
     let masters = master_keys(&hsm, &templates)?;
-    Store::open(&config.store.sqlite).map_err(|e| e.to_string())?;
+    let store = Store::open(&config.store.sqlite).map_err(|e| e.to_string())?;
+    check_issued_cards(&store, &masters)?;
     for key in masters.values() {
         println!(
             "master key {:?} version {} {} KCV {}",
@@ -207,6 +238,7 @@ fn serve(path: &Path) -> Result<(), String> {
         tracing::info!(label = %key.label, version = key.version, size = key.size.name(), kcv = %key.kcv, "master key ready");
     }
     let store = Arc::new(Store::open(&config.store.sqlite).map_err(|e| e.to_string())?);
+    check_issued_cards(&store, &masters)?;
     let pool = DerivationPool::start(
         Arc::clone(&hsm),
         config.hsm.sessions,
@@ -266,12 +298,14 @@ impl CliAudit {
     }
 
     /// Records the outcome of a key action and passes it on (as a one-line error on failure).
+    /// A key made by an action whose record cannot be written is destroyed again.
     fn outcome<T: AuditedKey>(
         &self,
         action: &str,
         label: &str,
         size: AesKeySize,
         result: Result<T, HsmError>,
+        undo: impl FnOnce(&T) -> Result<(), HsmError>,
     ) -> Result<T, String> {
         let user = std::env::var("SUDO_USER")
             .or_else(|_| std::env::var("USER"))
@@ -290,9 +324,16 @@ impl CliAudit {
             },
             ..AuditEvent::default()
         };
-        self.0
-            .write(|tx| tx.append_audit(&event))
-            .map_err(|e| format!("{action}: audit record not written: {e}"))?;
+        if let Err(e) = self.0.write(|tx| tx.append_audit(&event)) {
+            let undone = match &result {
+                Ok(made) => match undo(made) {
+                    Ok(()) => "; the key was destroyed again".to_owned(),
+                    Err(u) => format!("; destroying the key failed too ({u}): remove it by hand"),
+                },
+                Err(_) => String::new(),
+            };
+            return Err(format!("{action}: audit record not written: {e}{undone}"));
+        }
         result.map_err(|e| e.to_string())
     }
 }
@@ -412,6 +453,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 &label,
                 size,
                 hsm.generate_master_key(&label, size),
+                |k| hsm.destroy_master_key(k),
             )?;
             println!(
                 "generated label={} type={} version={} kcv={}",
@@ -477,6 +519,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                     &label,
                     size,
                     Err(HsmError::Refused(message)),
+                    |_| Ok(()),
                 )?;
             }
             let key = audit.outcome(
@@ -484,6 +527,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 &label,
                 size,
                 hsm.import_master_key(&label, prepared),
+                |k| hsm.destroy_master_key(k),
             )?;
             println!(
                 "imported label={} type={} version={} kcv={}",

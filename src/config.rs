@@ -285,9 +285,7 @@ impl Config {
         if config.hsm.pin_file.is_some() == config.hsm.pin_env.is_some() {
             return Err(invalid("[hsm] needs exactly one of pin_file and pin_env"));
         }
-        if config.hsm.sessions == 0 || config.hsm.queue == 0 {
-            return Err(invalid("[hsm] sessions and queue must be at least 1"));
-        }
+        config.check_limits()?;
         Ok(config)
     }
 
@@ -319,6 +317,36 @@ impl Config {
         Ok(())
     }
 
+    /// Bounds that keep a typo from exhausting threads or memory at start.
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        let h = &self.hsm;
+        if !(1..=64).contains(&h.sessions) {
+            return Err(invalid("[hsm] sessions must be 1 to 64"));
+        }
+        if !(1..=100_000).contains(&h.queue) {
+            return Err(invalid("[hsm] queue must be 1 to 100000"));
+        }
+        if !(10..=60_000).contains(&h.deadline_ms) {
+            return Err(invalid("[hsm] deadline_ms must be 10 to 60000"));
+        }
+        if self.workers.is_some_and(|w| !(1..=256).contains(&w)) {
+            return Err(invalid("workers must be 1 to 256"));
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing::level_filters::LevelFilter>()
+            .is_err()
+            || self.log.level.is_empty()
+        {
+            return Err(invalid(format!(
+                "[log] level {:?}: use error, warn, info, debug or trace",
+                self.log.level
+            )));
+        }
+        Ok(())
+    }
+
     fn check_transport(&self) -> Result<(), ConfigError> {
         match &self.tls {
             None if !self.listen.ip().is_loopback() => Err(invalid(format!(
@@ -342,7 +370,24 @@ impl Config {
 
     fn check_callers(&self) -> Result<(), ConfigError> {
         let known: Vec<Uuid> = self.profile_template.iter().map(|t| t.uuid).collect();
-        for c in &self.caller {
+        for (i, c) in self.caller.iter().enumerate() {
+            let earlier = &self.caller[..i];
+            if earlier.iter().any(|e| e.name == c.name) {
+                return Err(invalid(format!("caller {:?} appears twice", c.name)));
+            }
+            let same = |a: &Option<String>, b: &Option<String>| {
+                a.as_ref()
+                    .zip(b.as_ref())
+                    .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+            };
+            if let Some(e) = earlier.iter().find(|e| {
+                same(&e.token_sha256, &c.token_sha256) || same(&e.cert_sha256, &c.cert_sha256)
+            }) {
+                return Err(invalid(format!(
+                    "callers {:?} and {:?} share a credential",
+                    e.name, c.name
+                )));
+            }
             if let Some(h) = &c.token_sha256
                 && (h.len() != 64 || hex::decode(h).is_err())
             {
@@ -390,7 +435,8 @@ impl TemplateConfig {
         let err = |m: String| invalid(format!("template {name:?}: {m}"));
         let derivation = match self.algorithm.as_str() {
             "sp800-108-cmac" => {
-                if self.system_id.is_some() {
+                // A template written from the documented shape carries `system_id = ""`.
+                if self.system_id.as_deref().is_some_and(|s| !s.is_empty()) {
                     return Err(err("system_id applies to an10922 only".into()));
                 }
                 Derivation::Sp800108Cmac {
@@ -413,8 +459,16 @@ impl TemplateConfig {
                         )));
                     }
                 };
-                if self.key_type.is_some() || self.label.is_some() {
-                    return Err(err("key_type and label apply to sp800-108-cmac only".into()));
+                // key_type and label belong to sp800-108-cmac; where given anyway they must
+                // agree with what AN10922 produces, or the template says two things at once.
+                if self.key_type.is_some_and(|k| k != size.admin_key_type()) {
+                    return Err(err(format!(
+                        "{other} produces {} keys; key_type says otherwise",
+                        size.admin_key_type().name()
+                    )));
+                }
+                if self.label.as_deref().is_some_and(|l| l != DEFAULT_LABEL) {
+                    return Err(err("label applies to sp800-108-cmac only".into()));
                 }
                 let system_id = hex::decode(self.system_id.as_deref().unwrap_or(""))
                     .map_err(|_| err("system_id must be hex".into()))?;
@@ -472,4 +526,81 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let line = before.matches('\n').count() + 1;
     let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     format!(" (line {line}, column {col})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape documented in the issue and the README: every key of a template present.
+    const DOCUMENTED: &str = r#"
+listen = "127.0.0.1:8080"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "divkey-dev"
+pin_file = "softhsm/dev.pin"
+[store]
+sqlite = "divkey.db"
+[[profile_template]]
+uuid = "6d1a3c5e-0b7f-4a8e-9c2d-3f4e5a6b7c8d"
+name = "Base CSP smart card"
+diversify_admin_key = true
+algorithm = "sp800-108-cmac"
+key_type = "des3"
+label = "divkey admin key"
+system_id = ""
+card_id_bytes = "windows"
+master_key = "admin-master"
+approvals_required = 0
+default_admin_key_hex = "010203040506070801020304050607080102030405060708"
+[[caller]]
+name = "enrollment-agent"
+token_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+permissions = { "6d1a3c5e-0b7f-4a8e-9c2d-3f4e5a6b7c8d" = ["request", "approve", "bind", "read_key"] }
+"#;
+
+    fn parse(text: &str) -> Result<Vec<Template>, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        config.check_callers()?;
+        config.check_transport()?;
+        config.templates()
+    }
+
+    #[test]
+    fn documented_shape_is_accepted() {
+        let t = parse(DOCUMENTED).unwrap();
+        assert_eq!(t[0].key_type, AdminKeyType::Des3);
+        assert_eq!(t[0].algorithm, "sp800-108-cmac");
+    }
+
+    #[test]
+    fn contradictions_and_unknown_keys_are_refused() {
+        let an = DOCUMENTED.replace(
+            r#"algorithm = "sp800-108-cmac""#,
+            r#"algorithm = "an10922-aes128""#,
+        );
+        assert!(parse(&an).unwrap_err().to_string().contains("key_type"));
+        let an_ok = an
+            .replace(r#"key_type = "des3""#, r#"key_type = "aes128""#)
+            .replace("0102030405060708\"", "\"")
+            .replace(
+                r#"default_admin_key_hex = "010203040506070801020304050607080102030405060708""#,
+                r#"default_admin_key_hex = "01020304050607080102030405060708""#,
+            );
+        assert!(parse(&an_ok).is_ok(), "{:?}", parse(&an_ok).err());
+        let sys = DOCUMENTED.replace(r#"system_id = """#, r#"system_id = "0102""#);
+        assert!(parse(&sys).unwrap_err().to_string().contains("system_id"));
+        let unknown =
+            DOCUMENTED.replace("approvals_required = 0", "approvals_required = 0\nfoo = 1");
+        assert!(parse(&unknown).unwrap_err().to_string().contains("foo"));
+        let open = DOCUMENTED.replace("127.0.0.1:8080", "0.0.0.0:8080");
+        assert!(parse(&open).unwrap_err().to_string().contains("plain HTTP"));
+    }
+
+    #[test]
+    fn debug_masks_token_hashes() {
+        let config: Config = toml::from_str(DOCUMENTED).unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("9f86d081884c7d"), "{shown}");
+    }
 }

@@ -73,6 +73,20 @@ fn outcome_of(e: &ServiceError) -> String {
     }
 }
 
+/// Whether the request still releases keys for the card (re-read inside a write transaction).
+fn still_releasable(tx: &Tx, request: &Uuid, card: &Uuid) -> Result<bool, ServiceError> {
+    let request_ok = tx
+        .request(request)?
+        .is_some_and(|r| r.status.releases_keys() && r.binds(card));
+    let card_ok = tx.card(card)?.is_some_and(|c| {
+        !matches!(
+            c.status,
+            SmartcardStatus::Retired | SmartcardStatus::Disabled
+        )
+    });
+    Ok(request_ok && card_ok)
+}
+
 /// What `POST /requests` carries, parsed.
 pub struct NewRequest {
     pub request_type: RequestType,
@@ -232,6 +246,25 @@ impl Service {
                 return Err(ServiceError::BadInput(
                     "profiletemplateuuid differs from the smart card's profile template".into(),
                 ));
+            }
+            // Only issued cards can be unblocked, renewed, retired…; a retired card comes
+            // back only through a new enrollment that binds it again.
+            let allowed = match new.request_type {
+                RequestType::Reinstate => matches!(
+                    card.status,
+                    SmartcardStatus::Suspended | SmartcardStatus::Disabled
+                ),
+                _ => matches!(
+                    card.status,
+                    SmartcardStatus::Active | SmartcardStatus::Suspended
+                ),
+            };
+            if !allowed {
+                return Err(ServiceError::Conflict(format!(
+                    "a {} request cannot act on a card whose status is {}",
+                    new.request_type.name(),
+                    card.status.name()
+                )));
             }
             Some(card)
         } else {
@@ -398,10 +431,14 @@ impl Service {
                     }
                     if let Some(card) = r.old_smartcard {
                         let status = match r.request_type {
-                            RequestType::Retire => SmartcardStatus::Retired,
-                            _ => SmartcardStatus::Active,
+                            RequestType::Retire => Some(SmartcardStatus::Retired),
+                            RequestType::Revoke => Some(SmartcardStatus::Disabled),
+                            RequestType::Reinstate => Some(SmartcardStatus::Active),
+                            _ => None,
                         };
-                        tx.set_card_status(&card, status)?;
+                        if let Some(status) = status {
+                            tx.set_card_status(&card, status)?;
+                        }
                     }
                 }
                 Action::Cancel | Action::Abandon => {
@@ -413,6 +450,9 @@ impl Service {
                         _ => RequestStatus::Failed,
                     };
                     tx.set_request_status(&id, to)?;
+                    if let Some(card) = r.new_smartcard {
+                        tx.restore_card_status(&card)?;
+                    }
                 }
             }
             let after = tx
@@ -452,6 +492,7 @@ impl Service {
                 Some(KeyBinding {
                     master_key_label: master.label.clone(),
                     version: master.version,
+                    master_key_kcv: Some(master.kcv.to_string()),
                     derivation: derivation.clone(),
                 })
             }
@@ -511,7 +552,7 @@ impl Service {
                             "the card is bound to another open request".into(),
                         ));
                     }
-                    tx.set_card_status(&card.uuid, SmartcardStatus::Assigned)?;
+                    tx.assign_card(&card.uuid)?;
                     if let Some(atr) = &atr {
                         tx.set_card_atr(&card.uuid, atr)?;
                     }
@@ -583,7 +624,33 @@ impl Service {
             Err(e) => outcome_of(e),
         };
         let outcome = event.outcome.clone();
-        match (result, self.record(event).await) {
+        let releasing = matches!(result, Ok(KeyRelease::Key { .. }));
+        // The record and a last look at the request share one write transaction: a request
+        // completed or canceled while the key was derived gets no key, and what the trail
+        // says happened is what happened.
+        let written = self
+            .write(move |tx| {
+                if releasing && !still_releasable(tx, &request_id, &card_uuid)? {
+                    event.kcv = None;
+                    event.outcome = "denied:StateChanged".into();
+                    tx.append_audit(&event)?;
+                    return Ok(false);
+                }
+                tx.append_audit(&event)?;
+                Ok(true)
+            })
+            .await;
+        let written = match written {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                return Err(forbidden(
+                    "RequestNotActive",
+                    "the request or card changed state while the key was derived",
+                ));
+            }
+            Err(e) => Err(e),
+        };
+        match (result, written) {
             (Ok(release), Ok(())) => Ok(release),
             (Ok(_withheld), Err(e)) => {
                 tracing::error!(error = %e, outcome, "audit write failed: key withheld");
@@ -613,6 +680,7 @@ impl Service {
         let (request, card) = self
             .read(move |tx| Ok((tx.request(&request_id)?, tx.card(&card_uuid)?)))
             .await?;
+        event.template = request.as_ref().map(|r| r.template);
         let request = authorize(
             caller,
             Permission::ReadKey,
@@ -620,7 +688,6 @@ impl Service {
             |r| r.template,
             "request",
         )?;
-        event.template = Some(request.template);
         let card = card.ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
         if !request.status.releases_keys() {
             return Err(forbidden(
@@ -668,6 +735,15 @@ impl Service {
                     binding.master_key_label, binding.version
                 ))
             })?;
+        if let Some(pinned) = &binding.master_key_kcv
+            && *pinned != master.kcv.to_string()
+        {
+            // Same label and version, another key: deriving would hand the card a wrong key.
+            return Err(ServiceError::Internal(format!(
+                "master key {:?} version {} on the token has KCV {}, the card was issued under KCV {pinned}",
+                binding.master_key_label, binding.version, master.kcv
+            )));
+        }
         let key = self
             .pool
             .derive_admin_key(master, &binding.derivation, card.card_id)
@@ -683,6 +759,15 @@ impl Service {
     /// Readiness: a pooled HSM session and the store both answer.
     pub async fn ready(&self) -> Result<(), ServiceError> {
         self.pool.ping().await?;
+        for master in self.masters.values() {
+            let kcv = self.pool.master_key_kcv(master).await?;
+            if kcv != master.kcv {
+                return Err(ServiceError::Internal(format!(
+                    "master key {:?} now has KCV {kcv}, {} at start",
+                    master.label, master.kcv
+                )));
+            }
+        }
         self.read(|_| Ok(())).await?;
         Ok(())
     }

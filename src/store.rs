@@ -89,6 +89,14 @@ CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 "#,
+    r#"
+-- The KCV of the master key a card's key was first derived with: a different key under the
+-- same label and version is refused instead of handing the card a wrong key.
+ALTER TABLE smartcards ADD COLUMN master_key_kcv TEXT;
+-- The status a card had before an open request took it over, restored if that request ends
+-- without completing.
+ALTER TABLE smartcards ADD COLUMN status_before_request INTEGER;
+"#,
 ];
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ','now')";
@@ -122,6 +130,8 @@ impl Request {
 pub struct KeyBinding {
     pub master_key_label: String,
     pub version: u32,
+    /// KCV of that master key version (absent only on cards bound before it was recorded).
+    pub master_key_kcv: Option<String>,
     pub derivation: Derivation,
 }
 
@@ -186,8 +196,8 @@ fn request_row(row: &Row) -> rusqlite::Result<Request> {
     })
 }
 
-const CARD_COLUMNS: &str =
-    "uuid, card_id, status, template_uuid, atr, master_key_label, admin_key_version, derivation";
+const CARD_COLUMNS: &str = "uuid, card_id, status, template_uuid, atr, master_key_label, \
+     admin_key_version, derivation, master_key_kcv";
 
 fn card_row(row: &Row) -> rusqlite::Result<Smartcard> {
     let card_id = CardId::from_uuid(uuid_col(row, 1)?);
@@ -198,6 +208,7 @@ fn card_row(row: &Row) -> rusqlite::Result<Smartcard> {
         (Some(master_key_label), Some(version), Some(d)) => Some(KeyBinding {
             master_key_label,
             version,
+            master_key_kcv: row.get(8)?,
             derivation: serde_json::from_str(&d).map_err(|e| {
                 rusqlite::Error::FromSqlConversionFailure(
                     7,
@@ -250,6 +261,16 @@ impl Tx<'_> {
             ))?
             .query_row([card_id.to_string()], card_row)
             .optional()?)
+    }
+
+    /// Every (master key label, version, KCV) that issued cards were derived with.
+    pub fn master_keys_in_use(&self) -> Result<Vec<(String, u32, Option<String>)>, StoreError> {
+        let mut stmt = self.0.prepare(
+            "SELECT DISTINCT master_key_label, admin_key_version, master_key_kcv FROM smartcards \
+             WHERE master_key_label IS NOT NULL AND admin_key_version IS NOT NULL",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Requests that are still open (not in a final state) and bind `card`.
@@ -339,7 +360,7 @@ impl Tx<'_> {
         self.0.execute(
             &format!(
                 "INSERT INTO smartcards ({CARD_COLUMNS}, created) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, {NOW})"
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, {NOW})"
             ),
             params![
                 c.uuid.to_string(),
@@ -350,6 +371,7 @@ impl Tx<'_> {
                 c.key.as_ref().map(|k| k.master_key_label.clone()),
                 c.key.as_ref().map(|k| k.version),
                 derivation,
+                c.key.as_ref().and_then(|k| k.master_key_kcv.clone()),
             ],
         )?;
         Ok(())
@@ -357,8 +379,32 @@ impl Tx<'_> {
 
     pub fn set_card_status(&self, id: &Uuid, status: SmartcardStatus) -> Result<(), StoreError> {
         self.0.execute(
-            "UPDATE smartcards SET status = ?2 WHERE uuid = ?1",
+            "UPDATE smartcards SET status = ?2, status_before_request = NULL WHERE uuid = ?1",
             params![id.to_string(), status.number()],
+        )?;
+        Ok(())
+    }
+
+    /// Marks the card as taken over by an open request, remembering its status.
+    pub fn assign_card(&self, id: &Uuid) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE smartcards SET status_before_request = status, status = ?2 WHERE uuid = ?1",
+            params![id.to_string(), SmartcardStatus::Assigned.number()],
+        )?;
+        Ok(())
+    }
+
+    /// Gives the card back the status it had before an open request took it over (New for a
+    /// card first bound by that request).
+    pub fn restore_card_status(&self, id: &Uuid) -> Result<(), StoreError> {
+        self.0.execute(
+            "UPDATE smartcards SET status = COALESCE(status_before_request, ?2), \
+             status_before_request = NULL WHERE uuid = ?1 AND status = ?3",
+            params![
+                id.to_string(),
+                SmartcardStatus::New.number(),
+                SmartcardStatus::Assigned.number()
+            ],
         )?;
         Ok(())
     }

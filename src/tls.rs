@@ -57,9 +57,13 @@ pub fn server_config(config: &TlsConfig) -> Result<rustls::ServerConfig, String>
         }
         (_, None) => return Err("TLS: client_auth needs client_ca".into()),
     };
-    let mut server = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("TLS: server certificate and key: {e}"))?;
+    let mut server = builder.with_single_cert(chain, key).map_err(|e| {
+        format!(
+            "TLS: server certificate {} and key {}: {e}",
+            config.cert.display(),
+            config.key.display()
+        )
+    })?;
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(server)
 }

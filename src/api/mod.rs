@@ -29,6 +29,8 @@ use crate::service::{CallContext, KeyRelease, NewRequest, Service};
 
 pub const PREFIX: &str = "/certificatemanagement/api/v1.0";
 pub const MAX_BODY: usize = 64 * 1024;
+/// Longest wait for a request body once the headers are in.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct AppState {
     pub service: Service,
@@ -79,7 +81,11 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
             "method not allowed",
         )
     };
+    let m = method;
     match path {
+        "/healthz" | "/readyz" if m != Method::GET && m != Method::HEAD => {
+            return Err(not_allowed());
+        }
         "/healthz" => return Ok(Route::Healthz),
         "/readyz" => return Ok(Route::Readyz),
         _ => {}
@@ -97,7 +103,6 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         .collect();
     let lower: Vec<String> = segs.iter().map(|s| s.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    let m = method;
     let r = match l.as_slice() {
         ["profiletemplates"] if m == Method::GET => Route::ProfileTemplates,
         ["profiletemplates", _, "configuration", "smartcards"] if m == Method::GET => {
@@ -140,7 +145,12 @@ fn correlation_id(req: &HttpRequest) -> String {
 
 /// The caller behind the request's client certificate and/or bearer token.
 fn authenticate<'a>(req: &HttpRequest, policy: &'a Policy) -> Result<&'a Caller, ApiError> {
-    let token = match req.headers().get(header::AUTHORIZATION) {
+    let mut values = req.headers().get_all(header::AUTHORIZATION);
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::unauthorized("more than one Authorization header"));
+    }
+    let token = match first {
         None => None,
         Some(value) => Some(
             value
@@ -257,7 +267,7 @@ fn no_store(mut resp: HttpResponse) -> HttpResponse {
 }
 
 /// The request body, at most [`MAX_BODY`] bytes.
-async fn read_body(payload: web::Payload) -> Result<web::Bytes, ApiError> {
+async fn read_body(req: &HttpRequest, payload: web::Payload) -> Result<web::Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -265,13 +275,27 @@ async fn read_body(payload: web::Payload) -> Result<web::Bytes, ApiError> {
             format!("the body exceeds {MAX_BODY} bytes"),
         )
     };
-    match payload.to_bytes_limited(MAX_BODY).await {
-        Ok(Ok(bytes)) => Ok(bytes),
-        Err(_) => Err(too_large()),
-        Ok(Err(e)) if matches!(e.as_error::<PayloadError>(), Some(PayloadError::Overflow)) => {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let read = tokio::time::timeout(BODY_TIMEOUT, payload.to_bytes_limited(MAX_BODY));
+    match read.await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "RequestTimeout",
+            "the body did not arrive in time",
+        )),
+        Ok(Ok(Ok(bytes))) => Ok(bytes),
+        Ok(Err(_)) => Err(too_large()),
+        Ok(Ok(Err(e))) if matches!(e.as_error::<PayloadError>(), Some(PayloadError::Overflow)) => {
             Err(too_large())
         }
-        Ok(Err(_)) => Err(ApiError::bad_request("the body could not be read")),
+        Ok(Ok(Err(_))) => Err(ApiError::bad_request("the body could not be read")),
     }
 }
 
@@ -288,11 +312,9 @@ pub async fn dispatch(
         let route = route(req.method(), req.path());
         let name = route.as_ref().map_or("unmatched", Route::name);
         let mut caller_name = None;
-        let result = match (route, read_body(payload).await) {
-            (Ok(route), Ok(body)) => {
-                handle(&req, &body, &state, route, &cid, &mut caller_name).await
-            }
-            (Err(e), _) | (_, Err(e)) => Err(e),
+        let result = match route {
+            Ok(route) => handle(&req, payload, &state, route, &cid, &mut caller_name).await,
+            Err(e) => Err(e),
         };
         let mut resp = match result {
             Ok(resp) => resp,
@@ -319,7 +341,7 @@ pub async fn dispatch(
 
 async fn handle(
     req: &HttpRequest,
-    body: &[u8],
+    payload: web::Payload,
     state: &AppState,
     route: Route,
     correlation_id: &str,
@@ -371,6 +393,9 @@ async fn handle(
         correlation_id: correlation_id.to_owned(),
     };
     let query = Query::parse(req)?;
+    // Bodies are read only for authenticated callers, within a size and a time limit.
+    let body = read_body(req, payload).await?;
+    let body = body.as_ref();
     Ok(match route {
         Route::ProfileTemplates => {
             let list: Vec<wire::ProfileTemplate> = service

@@ -326,6 +326,11 @@ impl Hsm {
         Ok(stored)
     }
 
+    /// Destroys a master key object (used to undo a key action whose audit record failed).
+    pub fn destroy_master_key(&self, key: &MasterKeyRef) -> Result<(), HsmError> {
+        self.with_session(|session| Ok(session.destroy_object(key.handle)?))
+    }
+
     /// Every secret key on the token, with its flags and (for AES keys that may sign) its KCV.
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>, HsmError> {
         self.with_session(|session| {

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use super::keys::SessionPrf;
 use super::{Hsm, HsmError, MasterKeyRef};
-use crate::diversify::{AdminKey, Derivation, derive_admin_key};
+use crate::diversify::{AdminKey, Derivation, Kcv, aes_kcv, derive_admin_key};
 use crate::domain::CardId;
 
 /// Runs on a worker's session; returns whether the session must be discarded.
@@ -90,6 +90,14 @@ impl DerivationPool {
             derive_admin_key(&mut SessionPrf { session, key }, &derivation, &card)
         })
         .await
+    }
+
+    /// The check value of a master key, computed now on a pooled session: proves that the
+    /// key is there, usable, and still the same key.
+    pub async fn master_key_kcv(&self, master: &MasterKeyRef) -> Result<Kcv, HsmError> {
+        let key = master.handle;
+        self.run(move |session| aes_kcv(&mut SessionPrf { session, key }))
+            .await
     }
 
     /// Whether a pooled session answers (for readiness).

@@ -179,10 +179,15 @@ impl Server {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(i) = line.find("listening on http://")
+                let found = ["http", "https"].into_iter().find_map(|scheme| {
+                    let marker = format!("listening on {scheme}://");
+                    let i = line.find(&marker)?;
+                    Some((scheme, line[i + marker.len()..].trim().to_owned()))
+                });
+                if let Some(found) = found
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(line[i + "listening on http://".len()..].trim().to_owned());
+                    let _ = tx.send(found);
                 }
                 let mut l = log2.lock().unwrap();
                 l.push_str(&line);
@@ -191,11 +196,11 @@ impl Server {
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(50)) {
+            if let Ok((scheme, addr)) = rx.recv_timeout(Duration::from_millis(50)) {
                 let addr = addr.trim_end_matches('"').to_owned();
                 return Ok(Self {
                     child,
-                    base: format!("http://{addr}/CertificateManagement/api/v1.0"),
+                    base: format!("{scheme}://{addr}/CertificateManagement/api/v1.0"),
                     addr,
                     log,
                 });
@@ -426,6 +431,18 @@ pub fn call(
     token: Option<&str>,
     body: Option<serde_json::Value>,
 ) -> Resp {
+    try_call(agent, method, url, token, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// As [`call`], but a transport failure (connection refused, TLS handshake rejected, …) is
+/// returned instead of panicking; any HTTP status is a response.
+pub fn try_call(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> Result<Resp, Box<ureq::Transport>> {
     let mut req = agent.request(method, url);
     if let Some(t) = token {
         req = req.set("Authorization", &format!("Bearer {t}"));
@@ -435,8 +452,8 @@ pub fn call(
         None => req.call(),
     };
     match result {
-        Ok(r) => to_resp(r),
-        Err(ureq::Error::Status(_, r)) => to_resp(r),
-        Err(e) => panic!("{method} {url}: {e}"),
+        Ok(r) => Ok(to_resp(r)),
+        Err(ureq::Error::Status(_, r)) => Ok(to_resp(r)),
+        Err(ureq::Error::Transport(t)) => Err(Box::new(t)),
     }
 }
