@@ -1,6 +1,5 @@
 //! The command line: serve, check, and key management.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use crate::api::{self, AppState};
 use crate::audit::{self, AuditEvent};
 use crate::config::{Config, Template};
 use crate::diversify::AesKeySize;
-use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef};
+use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef, MasterKeys};
 use crate::logging;
 use crate::policy::Policy;
 use crate::ratelimit::KeyReleaseLimiter;
@@ -145,57 +144,70 @@ fn open_hsm(config: &Config) -> Result<Hsm, String> {
     Hsm::open(&config.hsm).map_err(|e| e.to_string())
 }
 
-/// Looks up and checks the master key of every diversifying template.
-fn master_keys(hsm: &Hsm, templates: &[Template]) -> Result<HashMap<String, MasterKeyRef>, String> {
-    let mut masters: HashMap<String, MasterKeyRef> = HashMap::new();
+/// Looks up and checks every version of the master key of every diversifying template.
+fn master_keys(hsm: &Hsm, store: &Store, templates: &[Template]) -> Result<MasterKeys, String> {
+    let mut masters = MasterKeys::default();
     for t in templates {
         let (Some(derivation), Some(label)) = (&t.derivation, &t.master_key) else {
             continue;
         };
-        if !masters.contains_key(label) {
-            let key = hsm.master_key(label).map_err(|e| e.to_string())?;
-            masters.insert(label.clone(), key);
+        if !masters.has_label(label) {
+            let versions = hsm.master_key_versions(label).map_err(|e| e.to_string())?;
+            let retired = store
+                .read(|tx| tx.retired_versions(label))
+                .map_err(|e| e.to_string())?;
+            masters.add(versions, &retired);
         }
-        if let (Some(need), Some(key)) = (derivation.required_master_size(), masters.get(label))
-            && key.size != need
+        let current = masters.current(label).ok_or_else(|| {
+            format!(
+                "template {:?}: every version of master key {label:?} is retired",
+                t.name
+            )
+        })?;
+        if let Some(need) = derivation.required_master_size()
+            && current.size != need
         {
             return Err(format!(
                 "template {:?}: {} needs an {} master key, {label:?} is {}",
                 t.name,
                 t.algorithm,
                 need.name(),
-                key.size.name()
+                current.size.name()
             ));
         }
     }
+    check_issued_cards(store, &masters)?;
     Ok(masters)
 }
 
 /// Refuses a token whose master key under a label and version is not the key that issued
-/// cards were derived with: serving would hand those cards wrong keys.
-fn check_issued_cards(
-    store: &Store,
-    masters: &HashMap<String, MasterKeyRef>,
-) -> Result<(), String> {
+/// cards were derived with (serving would hand those cards wrong keys), or lacks a version
+/// that cards were issued under.
+fn check_issued_cards(store: &Store, masters: &MasterKeys) -> Result<(), String> {
     let in_use = store
         .read(|tx| tx.master_keys_in_use())
         .map_err(|e| e.to_string())?;
     for (label, version, kcv) in in_use {
-        match (masters.get(&label), kcv) {
-            (Some(m), Some(kcv)) if m.version == version && m.kcv.to_string() != kcv => {
-                return Err(format!(
-                    "master key {label:?} version {version} on the token has KCV {}, but issued cards were derived under KCV {kcv}; refusing to serve wrong keys",
-                    m.kcv
-                ));
-            }
-            (None, _) => {
-                tracing::warn!(
-                    label,
-                    version,
-                    "cards were issued under a master key no template names"
-                );
-            }
-            _ => {}
+        if !masters.has_label(&label) {
+            tracing::warn!(
+                label,
+                version,
+                "cards were issued under a master key no template names"
+            );
+            continue;
+        }
+        let Some(m) = masters.version(&label, version) else {
+            return Err(format!(
+                "master key {label:?} version {version} is not on the token, but cards were issued under it"
+            ));
+        };
+        if let Some(kcv) = kcv
+            && m.kcv.to_string() != kcv
+        {
+            return Err(format!(
+                "master key {label:?} version {version} on the token has KCV {}, but issued cards were derived under KCV {kcv}; refusing to serve wrong keys",
+                m.kcv
+            ));
         }
     }
     Ok(())
@@ -205,10 +217,9 @@ fn check(path: &Path) -> Result<(), String> {
     let config = load(path)?;
     let templates = config.templates().map_err(|e| e.to_string())?;
     let hsm = open_hsm(&config)?;
-    let masters = master_keys(&hsm, &templates)?;
     let store = Store::open(&config.store.sqlite).map_err(|e| e.to_string())?;
-    check_issued_cards(&store, &masters)?;
-    for key in masters.values() {
+    let masters = master_keys(&hsm, &store, &templates)?;
+    for key in masters.all() {
         println!(
             "master key {:?} version {} {} KCV {}",
             key.label,
@@ -220,7 +231,7 @@ fn check(path: &Path) -> Result<(), String> {
     println!(
         "ok: {} template(s), {} master key(s), token {:?}",
         templates.len(),
-        masters.len(),
+        masters.all().count(),
         hsm.token_label()
     );
     let _ = hsm.close();
@@ -233,12 +244,11 @@ fn serve(path: &Path) -> Result<(), String> {
     let templates = config.templates().map_err(|e| e.to_string())?;
     let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let hsm = Arc::new(open_hsm(&config)?);
-    let masters = master_keys(&hsm, &templates)?;
-    for key in masters.values() {
+    let store = Arc::new(Store::open(&config.store.sqlite).map_err(|e| e.to_string())?);
+    let masters = master_keys(&hsm, &store, &templates)?;
+    for key in masters.all() {
         tracing::info!(label = %key.label, version = key.version, size = key.size.name(), kcv = %key.kcv, "master key ready");
     }
-    let store = Arc::new(Store::open(&config.store.sqlite).map_err(|e| e.to_string())?);
-    check_issued_cards(&store, &masters)?;
     let pool = DerivationPool::start(
         Arc::clone(&hsm),
         config.hsm.sessions,

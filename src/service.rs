@@ -1,7 +1,6 @@
 //! The CM rules: request lifecycle, card binding and the key-release decision of SPEC
 //! section 2, over the store, the policy and the HSM pool. Knows nothing of HTTP.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use uuid::Uuid;
@@ -10,7 +9,7 @@ use crate::audit::AuditEvent;
 use crate::config::Template;
 use crate::diversify::AdminKey;
 use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
-use crate::hsm::{DerivationPool, HsmError, MasterKeyRef};
+use crate::hsm::{DerivationPool, HsmError, MasterKeys};
 use crate::policy::{Caller, Permission};
 use crate::store::{KeyBinding, Request, Smartcard, Store, StoreError, Tx};
 
@@ -87,6 +86,30 @@ fn still_releasable(tx: &Tx, request: &Uuid, card: &Uuid) -> Result<bool, Servic
     Ok(request_ok && card_ok)
 }
 
+/// Only issued cards can be unblocked, renewed, retired…; a retired card comes back only
+/// through a new enrollment that binds it again.
+fn may_act_on(request_type: RequestType, card: &Smartcard) -> Result<(), ServiceError> {
+    let allowed = match request_type {
+        RequestType::Reinstate => matches!(
+            card.status,
+            SmartcardStatus::Suspended | SmartcardStatus::Disabled
+        ),
+        _ => matches!(
+            card.status,
+            SmartcardStatus::Active | SmartcardStatus::Suspended
+        ),
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(ServiceError::Conflict(format!(
+            "a {} request cannot act on a card whose status is {}",
+            request_type.name(),
+            card.status.name()
+        )))
+    }
+}
+
 /// What `POST /requests` carries, parsed.
 pub struct NewRequest {
     pub request_type: RequestType,
@@ -110,7 +133,7 @@ pub enum KeyRelease {
 
 pub struct Service {
     templates: Vec<Template>,
-    masters: HashMap<String, MasterKeyRef>,
+    masters: MasterKeys,
     store: Arc<Store>,
     pool: DerivationPool,
 }
@@ -157,7 +180,7 @@ fn visible<T>(
 impl Service {
     pub fn new(
         templates: Vec<Template>,
-        masters: HashMap<String, MasterKeyRef>,
+        masters: MasterKeys,
         store: Arc<Store>,
         pool: DerivationPool,
     ) -> Self {
@@ -247,25 +270,7 @@ impl Service {
                     "profiletemplateuuid differs from the smart card's profile template".into(),
                 ));
             }
-            // Only issued cards can be unblocked, renewed, retired…; a retired card comes
-            // back only through a new enrollment that binds it again.
-            let allowed = match new.request_type {
-                RequestType::Reinstate => matches!(
-                    card.status,
-                    SmartcardStatus::Suspended | SmartcardStatus::Disabled
-                ),
-                _ => matches!(
-                    card.status,
-                    SmartcardStatus::Active | SmartcardStatus::Suspended
-                ),
-            };
-            if !allowed {
-                return Err(ServiceError::Conflict(format!(
-                    "a {} request cannot act on a card whose status is {}",
-                    new.request_type.name(),
-                    card.status.name()
-                )));
-            }
+            may_act_on(new.request_type, &card)?;
             Some(card)
         } else {
             if new.smartcard.is_some() {
@@ -320,12 +325,17 @@ impl Service {
         event.template = Some(request.template);
         event.outcome = request.status.name().to_owned();
         self.write(move |tx| {
-            if let Some(card) = &existing
-                && !tx.open_requests_binding(&card.uuid)?.is_empty()
-            {
-                return Err(ServiceError::Conflict(
-                    "the smart card already has an open request".into(),
-                ));
+            if let Some(card) = &existing {
+                // Re-read inside the write transaction: the card may have moved meanwhile.
+                let now = tx
+                    .card(&card.uuid)?
+                    .ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
+                may_act_on(request.request_type, &now)?;
+                if !tx.open_requests_binding(&card.uuid)?.is_empty() {
+                    return Err(ServiceError::Conflict(
+                        "the smart card already has an open request".into(),
+                    ));
+                }
             }
             let created = tx.insert_request(&request)?;
             tx.append_audit(&event)?;
@@ -486,8 +496,10 @@ impl Service {
         })?;
         let binding = match (&template.derivation, &template.master_key) {
             (Some(derivation), Some(label)) => {
-                let master = self.masters.get(label).ok_or_else(|| {
-                    ServiceError::Internal(format!("master key {label:?} is not loaded"))
+                let master = self.masters.current(label).ok_or_else(|| {
+                    ServiceError::Internal(format!(
+                        "master key {label:?} has no version in service for new cards"
+                    ))
                 })?;
                 Some(KeyBinding {
                     master_key_label: master.label.clone(),
@@ -727,8 +739,7 @@ impl Service {
         event.master_key_version = Some(binding.version);
         let master = self
             .masters
-            .get(&binding.master_key_label)
-            .filter(|m| m.version == binding.version)
+            .version(&binding.master_key_label, binding.version)
             .ok_or_else(|| {
                 ServiceError::Internal(format!(
                     "master key {:?} version {} is not loaded",
@@ -759,7 +770,7 @@ impl Service {
     /// Readiness: a pooled HSM session and the store both answer.
     pub async fn ready(&self) -> Result<(), ServiceError> {
         self.pool.ping().await?;
-        for master in self.masters.values() {
+        for master in self.masters.all() {
             let kcv = self.pool.master_key_kcv(master).await?;
             if kcv != master.kcv {
                 return Err(ServiceError::Internal(format!(

@@ -97,6 +97,15 @@ ALTER TABLE smartcards ADD COLUMN master_key_kcv TEXT;
 -- without completing.
 ALTER TABLE smartcards ADD COLUMN status_before_request INTEGER;
 "#,
+    r#"
+-- Master key versions no longer used for new cards; cards issued under them keep working.
+CREATE TABLE retired_master_key_versions (
+    label   TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    retired TEXT NOT NULL,
+    PRIMARY KEY (label, version)
+);
+"#,
 ];
 
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ','now')";
@@ -271,6 +280,35 @@ impl Tx<'_> {
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Versions of `label` retired for new cards.
+    pub fn retired_versions(&self, label: &str) -> Result<Vec<u32>, StoreError> {
+        let mut stmt = self
+            .0
+            .prepare_cached("SELECT version FROM retired_master_key_versions WHERE label = ?1")?;
+        let rows = stmt.query_map([label], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn retire_version(&self, label: &str, version: u32) -> Result<(), StoreError> {
+        self.0.execute(
+            &format!(
+                "INSERT OR IGNORE INTO retired_master_key_versions (label, version, retired) \
+                 VALUES (?1, ?2, {NOW})"
+            ),
+            params![label, version],
+        )?;
+        Ok(())
+    }
+
+    /// How many cards were issued under this master key version.
+    pub fn cards_using(&self, label: &str, version: u32) -> Result<i64, StoreError> {
+        Ok(self.0.query_row(
+            "SELECT COUNT(*) FROM smartcards WHERE master_key_label = ?1 AND admin_key_version = ?2",
+            params![label, version],
+            |r| r.get(0),
+        )?)
     }
 
     /// Requests that are still open (not in a final state) and bind `card`.

@@ -69,6 +69,7 @@ impl Attrs {
                 AttributeType::Derive,
                 AttributeType::Wrap,
                 AttributeType::Label,
+                AttributeType::Id,
             ],
         )?))
     }
@@ -100,6 +101,27 @@ impl Attrs {
             _ => None,
         })
     }
+    /// The version recorded in CKA_ID (4 bytes big-endian); a key without an ID is version 1.
+    fn version(&self) -> Result<u32, String> {
+        let id = self.0.iter().find_map(|a| match a {
+            Attribute::Id(id) => Some(id.as_slice()),
+            _ => None,
+        });
+        match id {
+            None | Some([]) => Ok(VERSION_1),
+            Some(bytes) => <[u8; 4]>::try_from(bytes)
+                .ok()
+                .map(u32::from_be_bytes)
+                .filter(|v| *v > 0)
+                .ok_or_else(|| {
+                    format!(
+                        "CKA_ID {} is not a divkey version (4 bytes, big-endian, from 1)",
+                        hex::encode(bytes)
+                    )
+                }),
+        }
+    }
+
     fn label(&self) -> String {
         self.0
             .iter()
@@ -153,64 +175,107 @@ pub struct PreparedImport {
 }
 
 impl Hsm {
-    /// Finds and checks the master key labelled `label`. Anything but exactly one sensitive,
-    /// non-extractable AES key with CKA_SIGN is refused with the reason.
-    pub fn master_key(&self, label: &str) -> Result<MasterKeyRef, HsmError> {
+    /// Every version of the master key `label`, oldest first, each checked: a sensitive,
+    /// non-extractable AES key with CKA_SIGN and neither CKA_DERIVE nor CKA_WRAP, exactly one
+    /// object per version. Anything else is refused with the reason.
+    pub fn master_key_versions(&self, label: &str) -> Result<Vec<MasterKeyRef>, HsmError> {
         let problem = |p: String| HsmError::MasterKey {
             label: label.to_owned(),
             problem: p,
         };
         self.with_session(|session| {
             let found = find_by_label(session, label)?;
-            let handle = match found.as_slice() {
-                [one] => *one,
-                [] => return Err(problem(format!("not found on token {:?}", self.token_label))),
-                many => {
-                    return Err(problem(format!(
-                        "{} objects carry this label; exactly one is required",
-                        many.len()
-                    )));
+            if found.is_empty() {
+                return Err(problem(format!("not found on token {:?}", self.token_label)));
+            }
+            let mut versions: Vec<MasterKeyRef> = Vec::with_capacity(found.len());
+            for handle in found {
+                let attrs = Attrs::read(session, handle)?;
+                let version = attrs.version().map_err(problem)?;
+                let problem = |p: &str| problem(format!("version {version} {p}"));
+                if attrs.class() != Some(ObjectClass::SECRET_KEY) {
+                    return Err(problem("is not a secret key"));
                 }
-            };
-            let attrs = Attrs::read(session, handle)?;
-            if attrs.class() != Some(ObjectClass::SECRET_KEY) {
-                return Err(problem("is not a secret key".into()));
+                if attrs.key_type() != Some(KeyType::AES) {
+                    return Err(problem("is not an AES key"));
+                }
+                let size = attrs
+                    .value_len()
+                    .and_then(|l| AesKeySize::from_len(l as usize))
+                    .ok_or_else(|| problem("has an unsupported length"))?;
+                if attrs.flag(AttributeType::Sensitive) != Some(true) {
+                    return Err(problem("is not sensitive (CKA_SENSITIVE must be true)"));
+                }
+                if attrs.flag(AttributeType::Extractable) != Some(false) {
+                    return Err(problem("is extractable (CKA_EXTRACTABLE must be false)"));
+                }
+                if attrs.flag(AttributeType::Sign) != Some(true) {
+                    return Err(problem("lacks CKA_SIGN, which CMAC needs"));
+                }
+                if attrs.flag(AttributeType::Derive) == Some(true)
+                    || attrs.flag(AttributeType::Wrap) == Some(true)
+                {
+                    return Err(problem(
+                        "allows CKA_DERIVE or CKA_WRAP, a way for key bytes to leave; only CKA_SIGN is allowed",
+                    ));
+                }
+                if versions.iter().any(|v| v.version == version) {
+                    let n = 1 + versions.iter().filter(|v| v.version == version).count();
+                    return Err(HsmError::MasterKey {
+                        label: label.to_owned(),
+                        problem: format!(
+                            "{n} objects carry this label as version {version}; exactly one is required"
+                        ),
+                    });
+                }
+                let kcv = aes_kcv(&mut SessionPrf {
+                    session,
+                    key: handle,
+                })?;
+                versions.push(MasterKeyRef {
+                    label: label.to_owned(),
+                    version,
+                    size,
+                    kcv,
+                    handle,
+                });
             }
-            if attrs.key_type() != Some(KeyType::AES) {
-                return Err(problem("is not an AES key".into()));
-            }
-            let size = attrs
-                .value_len()
-                .and_then(|l| AesKeySize::from_len(l as usize))
-                .ok_or_else(|| problem("has an unsupported length".into()))?;
-            if attrs.flag(AttributeType::Sensitive) != Some(true) {
-                return Err(problem("is not sensitive (CKA_SENSITIVE must be true)".into()));
-            }
-            if attrs.flag(AttributeType::Extractable) != Some(false) {
-                return Err(problem("is extractable (CKA_EXTRACTABLE must be false)".into()));
-            }
-            if attrs.flag(AttributeType::Sign) != Some(true) {
-                return Err(problem("lacks CKA_SIGN, which CMAC needs".into()));
-            }
-            if attrs.flag(AttributeType::Derive) == Some(true)
-                || attrs.flag(AttributeType::Wrap) == Some(true)
-            {
-                return Err(problem(
-                    "allows CKA_DERIVE or CKA_WRAP, a way for key bytes to leave; only CKA_SIGN is allowed".into(),
-                ));
-            }
-            let kcv = aes_kcv(&mut SessionPrf {
-                session,
-                key: handle,
-            })?;
-            Ok(MasterKeyRef {
-                label: label.to_owned(),
-                version: VERSION_1,
-                size,
-                kcv,
-                handle,
-            })
+            versions.sort_by_key(|v| v.version);
+            Ok(versions)
         })
+    }
+
+    /// The newest version of the master key `label`, checked as [`Self::master_key_versions`].
+    pub fn master_key(&self, label: &str) -> Result<MasterKeyRef, HsmError> {
+        self.master_key_versions(label)?
+            .pop()
+            .ok_or_else(|| HsmError::MasterKey {
+                label: label.to_owned(),
+                problem: "no version found".into(),
+            })
+    }
+
+    /// Generates the next version of an existing master key inside the HSM, with the same
+    /// size and attributes. Cards keep the version they were issued with.
+    pub fn rotate_master_key(&self, label: &str) -> Result<MasterKeyRef, HsmError> {
+        let current = self.master_key(label)?;
+        let next = current.version.checked_add(1).ok_or_else(|| {
+            HsmError::Refused(format!(
+                "master key {label:?} has no version after {}",
+                current.version
+            ))
+        })?;
+        self.with_session(|session| {
+            let mut template = secret_key_template(current.size, true);
+            template.push(Attribute::Label(label.as_bytes().to_vec()));
+            template.push(Attribute::Id(next.to_be_bytes().to_vec()));
+            session.generate_key(&Mechanism::AesKeyGen, &template)?;
+            Ok(())
+        })?;
+        self.master_key_versions(label)?
+            .into_iter()
+            .find(|v| v.version == next)
+            .ok_or_else(|| HsmError::Other(format!("version {next} of {label:?} vanished")))
     }
 
     fn refuse_existing(&self, session: &Session, label: &str) -> Result<(), HsmError> {
@@ -402,5 +467,47 @@ impl Hsm {
             }
             .cmac(message)
         })
+    }
+}
+
+/// The master key versions loaded at start, and the version each label issues new cards with
+/// (its newest version not retired).
+#[derive(Default)]
+pub struct MasterKeys {
+    versions: Vec<MasterKeyRef>,
+    current: Vec<(String, u32)>,
+}
+
+impl MasterKeys {
+    /// Adds every version of a label; `retired` versions serve their cards but no new ones.
+    pub fn add(&mut self, versions: Vec<MasterKeyRef>, retired: &[u32]) {
+        if let Some(newest) = versions
+            .iter()
+            .filter(|v| !retired.contains(&v.version))
+            .max_by_key(|v| v.version)
+        {
+            self.current.push((newest.label.clone(), newest.version));
+        }
+        self.versions.extend(versions);
+    }
+
+    pub fn has_label(&self, label: &str) -> bool {
+        self.versions.iter().any(|v| v.label == label)
+    }
+
+    /// The version new cards of `label` get.
+    pub fn current(&self, label: &str) -> Option<&MasterKeyRef> {
+        let (_, version) = self.current.iter().find(|(l, _)| l == label)?;
+        self.version(label, *version)
+    }
+
+    pub fn version(&self, label: &str, version: u32) -> Option<&MasterKeyRef> {
+        self.versions
+            .iter()
+            .find(|v| v.label == label && v.version == version)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &MasterKeyRef> {
+        self.versions.iter()
     }
 }

@@ -19,7 +19,7 @@ use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 pub use error::HsmError;
-pub use keys::{KeyInfo, MasterKeyRef, PreparedImport};
+pub use keys::{KeyInfo, MasterKeyRef, MasterKeys, PreparedImport};
 pub use pool::DerivationPool;
 
 use crate::config::HsmConfig;
