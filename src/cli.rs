@@ -12,6 +12,7 @@ use std::io::Write;
 
 use crate::api::{self, AppState};
 use crate::audit::{self, AuditEvent};
+use crate::ceremony;
 use crate::config::{Config, Template};
 use crate::diversify::AesKeySize;
 use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef, MasterKeys};
@@ -106,12 +107,48 @@ enum KeysCommand {
         label: String,
         #[arg(long = "type", value_enum)]
         key_type: KeyTypeArg,
-        /// A clear component in hex; repeat for each component.
-        #[arg(long = "component", required = true)]
+        /// A clear component in hex; repeat for each component (2 to 5).
+        #[arg(long = "component")]
         components: Vec<String>,
+        /// A file holding one component in hex; repeat for each component.
+        #[arg(long = "component-file")]
+        component_files: Vec<PathBuf>,
+        /// Without --component or --component-file: how many components to ask for, without
+        /// echo, on the terminal.
+        #[arg(long, default_value_t = 2)]
+        prompt: usize,
         /// Expected KCV of the combined key (6 hex digits); refused on mismatch.
         #[arg(long)]
         kcv: Option<String>,
+        /// Import as the next version of an existing master key (rotation by ceremony).
+        #[arg(long)]
+        new_version: bool,
+    },
+    /// Generate the next version of a master key inside the HSM; new cards get it, issued
+    /// cards keep theirs.
+    Rotate {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        label: String,
+    },
+    /// Stop issuing new cards under a version; cards issued under it keep working.
+    Retire {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        version: u32,
+    },
+    /// Destroy a version in the HSM; refused while any card was issued under it.
+    Delete {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        version: u32,
     },
     /// List the secret keys on the token.
     List(ConfigArg),
@@ -439,13 +476,6 @@ fn normalize_since(s: &str) -> Result<String, String> {
     }
 }
 
-fn parse_hex_secret(what: &str, text: &str) -> Result<Zeroizing<Vec<u8>>, String> {
-    let digits = Zeroizing::new(text.trim().replace([' ', ':'], ""));
-    hex::decode(digits.as_bytes())
-        .map(Zeroizing::new)
-        .map_err(|_| format!("{what} is not hex"))
-}
-
 fn keys(command: KeysCommand) -> Result<(), String> {
     match command {
         KeysCommand::Generate {
@@ -479,27 +509,35 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             label,
             key_type,
             components,
+            component_files,
+            prompt,
             kcv,
+            new_version,
         } => {
             let config = load(&config.config)?;
             let size: AesKeySize = key_type.into();
-            let parts = components
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let bytes = parse_hex_secret(&format!("component {}", i + 1), c)?;
-                    if bytes.len() != size.byte_len() {
-                        return Err(format!(
-                            "component {} is {} bytes; {} needs {}",
-                            i + 1,
-                            bytes.len(),
-                            size.name(),
-                            size.byte_len()
-                        ));
-                    }
-                    Ok(bytes)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let from_args = !components.is_empty() || !component_files.is_empty();
+            let mut parts = Vec::new();
+            for (i, c) in components.iter().enumerate() {
+                parts.push(ceremony::parse_component(i + 1, c, size)?);
+            }
+            for f in &component_files {
+                parts.push(ceremony::read_component_file(parts.len() + 1, f, size)?);
+            }
+            if !from_args {
+                if !(ceremony::MIN_COMPONENTS..=ceremony::MAX_COMPONENTS).contains(&prompt) {
+                    return Err(format!(
+                        "--prompt {prompt}: a key ceremony takes {} to {} components",
+                        ceremony::MIN_COMPONENTS,
+                        ceremony::MAX_COMPONENTS
+                    ));
+                }
+                for n in 1..=prompt {
+                    parts.push(ceremony::prompt_component(n, size)?);
+                }
+            }
+            // Count, equal lengths and a strong result, before anything touches the HSM.
+            drop(ceremony::combine(&parts)?);
             let expected = kcv
                 .map(|k| {
                     let k = k.trim().to_ascii_uppercase();
@@ -536,7 +574,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 "master_key.import",
                 &label,
                 size,
-                hsm.import_master_key(&label, prepared),
+                hsm.import_master_key_version(&label, prepared, new_version),
                 |k| hsm.destroy_master_key(k),
             )?;
             println!(
@@ -548,18 +586,100 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             );
             let _ = hsm.close();
         }
+        KeysCommand::Rotate { config, label } => {
+            let config = load(&config.config)?;
+            let audit = CliAudit::open(&config)?;
+            let hsm = open_hsm(&config)?;
+            let size = hsm.master_key(&label).map_err(|e| e.to_string())?.size;
+            let key = audit.outcome(
+                "master_key.rotate",
+                &label,
+                size,
+                hsm.rotate_master_key(&label),
+                |k| hsm.destroy_master_key(k),
+            )?;
+            println!(
+                "rotated label={} type={} version={} kcv={}",
+                key.label,
+                key.size.name(),
+                key.version,
+                key.kcv
+            );
+            let _ = hsm.close();
+        }
+        KeysCommand::Retire {
+            config,
+            label,
+            version,
+        } => {
+            let config = load(&config.config)?;
+            let audit = CliAudit::open(&config)?;
+            let hsm = open_hsm(&config)?;
+            let key = hsm
+                .master_key_versions(&label)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .find(|v| v.version == version)
+                .ok_or_else(|| format!("master key {label:?} has no version {version}"))?;
+            let retire = audit
+                .0
+                .write(|tx| tx.retire_version(&label, version))
+                .map_err(|e| HsmError::Other(e.to_string()));
+            audit.outcome(
+                "master_key.retire",
+                &label,
+                key.size,
+                retire.map(|()| key),
+                |_| Ok(()),
+            )?;
+            println!(
+                "retired label={label} version={version}: issued cards keep it, new cards do not get it"
+            );
+            let _ = hsm.close();
+        }
+        KeysCommand::Delete {
+            config,
+            label,
+            version,
+        } => {
+            let config = load(&config.config)?;
+            let audit = CliAudit::open(&config)?;
+            let hsm = open_hsm(&config)?;
+            let key = hsm
+                .master_key_versions(&label)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .find(|v| v.version == version)
+                .ok_or_else(|| format!("master key {label:?} has no version {version}"))?;
+            let cards = audit
+                .0
+                .read(|tx| tx.cards_using(&label, version))
+                .map_err(|e| e.to_string())?;
+            let size = key.size;
+            let result = if cards > 0 {
+                Err(HsmError::Refused(format!(
+                    "{cards} card(s) were issued under {label:?} version {version}; deleting it would lock them out"
+                )))
+            } else {
+                hsm.destroy_master_key(&key).map(|()| key)
+            };
+            audit.outcome("master_key.delete", &label, size, result, |_| Ok(()))?;
+            println!("deleted label={label} version={version}");
+            let _ = hsm.close();
+        }
         KeysCommand::List(config) => {
             let config = load(&config.config)?;
             let hsm = open_hsm(&config)?;
             let keys = hsm.list_keys().map_err(|e| e.to_string())?;
             println!(
-                "{:<32} {:<8} {:>5} {:<6} {:<9} {:<11}",
-                "LABEL", "TYPE", "BITS", "KCV", "SENSITIVE", "EXTRACTABLE"
+                "{:<32} {:>7} {:<8} {:>5} {:<6} {:<9} {:<11}",
+                "LABEL", "VERSION", "TYPE", "BITS", "KCV", "SENSITIVE", "EXTRACTABLE"
             );
             for k in keys {
                 println!(
-                    "{:<32} {:<8} {:>5} {:<6} {:<9} {:<11}",
+                    "{:<32} {:>7} {:<8} {:>5} {:<6} {:<9} {:<11}",
                     k.label,
+                    k.version.map_or_else(|| "?".to_owned(), |v| v.to_string()),
                     k.key_type,
                     k.bits,
                     k.kcv.map_or_else(|| "-".to_owned(), |k| k.to_string()),

@@ -24,6 +24,8 @@ pub struct MasterKeyRef {
 #[derive(Debug)]
 pub struct KeyInfo {
     pub label: String,
+    /// From CKA_ID; `None` when the ID is not a divkey version.
+    pub version: Option<u32>,
     pub key_type: String,
     pub bits: u64,
     pub kcv: Option<Kcv>,
@@ -371,18 +373,52 @@ impl Hsm {
         label: &str,
         prepared: PreparedImport,
     ) -> Result<MasterKeyRef, HsmError> {
+        self.import_master_key_version(label, prepared, false)
+    }
+
+    /// Stores a prepared key as the first version of a new label or, with `next_version`, as
+    /// the next version of an existing one (rotation by key ceremony).
+    pub fn import_master_key_version(
+        &self,
+        label: &str,
+        prepared: PreparedImport,
+        next_version: bool,
+    ) -> Result<MasterKeyRef, HsmError> {
+        let version = if next_version {
+            let current = self.master_key(label)?;
+            if current.size != prepared.size {
+                return Err(HsmError::Refused(format!(
+                    "{label:?} is an {} key; the new version must be too",
+                    current.size.name()
+                )));
+            }
+            current.version.checked_add(1).ok_or_else(|| {
+                HsmError::Refused(format!(
+                    "{label:?} has no version after {}",
+                    current.version
+                ))
+            })?
+        } else {
+            VERSION_1
+        };
         self.with_session(|session| {
-            self.refuse_existing(session, label)?;
+            if !next_version {
+                self.refuse_existing(session, label)?;
+            }
             let mut template = secret_key_template(prepared.size, true);
             template.retain(|a| a.attribute_type() != AttributeType::ValueLen);
             template.push(Attribute::Label(label.as_bytes().to_vec()));
-            template.push(Attribute::Id(VERSION_1.to_be_bytes().to_vec()));
+            template.push(Attribute::Id(version.to_be_bytes().to_vec()));
             template.push(Attribute::Value(prepared.key.to_vec()));
             let created = session.create_object(&template);
             wipe(template);
             created.map(|_| ()).map_err(HsmError::from)
         })?;
-        let stored = self.master_key(label)?;
+        let stored = self
+            .master_key_versions(label)?
+            .into_iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| HsmError::Other(format!("version {version} of {label:?} vanished")))?;
         if stored.kcv != prepared.kcv {
             return Err(HsmError::Other(
                 "the stored key's check value differs from the prepared one".into(),
@@ -415,6 +451,7 @@ impl Hsm {
                 };
                 out.push(KeyInfo {
                     label: attrs.label(),
+                    version: attrs.version().ok(),
                     key_type: attrs
                         .key_type()
                         .map_or_else(|| "?".to_owned(), |k| k.to_string()),
@@ -425,7 +462,7 @@ impl Hsm {
                     sign,
                 });
             }
-            out.sort_by(|a, b| a.label.cmp(&b.label));
+            out.sort_by(|a, b| (&a.label, a.version).cmp(&(&b.label, b.version)));
             Ok(out)
         })
     }

@@ -96,6 +96,7 @@ impl TestToken {
             32 => "aes256",
             n => panic!("{n} bytes"),
         };
+        let (first, second) = split_key(key_hex);
         let out = self.divkey(&[
             "keys",
             "import",
@@ -106,7 +107,9 @@ impl TestToken {
             "--type",
             kind,
             "--component",
-            key_hex,
+            &first,
+            "--component",
+            &second,
         ]);
         assert!(
             out.status.success(),
@@ -115,6 +118,19 @@ impl TestToken {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// Two ceremony components whose XOR is `key_hex` (a ceremony takes 2 to 5).
+pub fn split_key(key_hex: &str) -> (String, String) {
+    use sha2::Digest;
+    let key = hex::decode(key_hex).unwrap();
+    let mask = sha2::Sha256::digest(b"divkey test component mask");
+    let first: Vec<u8> = key
+        .iter()
+        .zip(mask.iter().cycle())
+        .map(|(k, m)| k ^ m)
+        .collect();
+    (hex::encode(first), hex::encode(&mask[..key.len()]))
 }
 
 pub fn write_private(path: &Path, contents: &str) {
