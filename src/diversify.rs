@@ -176,6 +176,11 @@ pub struct AdminKey {
 }
 
 impl AdminKey {
+    /// A key of this type from clear bytes (a template's default key).
+    pub fn new(key_type: AdminKeyType, bytes: Zeroizing<Vec<u8>>) -> Self {
+        Self { key_type, bytes }
+    }
+
     pub fn key_type(&self) -> AdminKeyType {
         self.key_type
     }

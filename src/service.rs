@@ -12,6 +12,7 @@ use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
 use crate::hsm::{DerivationPool, HsmError, MasterKeys};
 use crate::policy::{Caller, Permission};
 use crate::store::{KeyBinding, Request, Smartcard, Store, StoreError, Tx};
+use zeroize::Zeroizing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -70,6 +71,20 @@ fn outcome_of(e: &ServiceError) -> String {
         ServiceError::Hsm(h) if h.is_transient() => "hsm_unavailable".into(),
         _ => "error".into(),
     }
+}
+
+fn key_event(
+    ctx: &CallContext<'_>,
+    action: &str,
+    request: Uuid,
+    card: Uuid,
+    card_id: CardId,
+) -> AuditEvent {
+    let mut event = ctx.event(action);
+    event.request = Some(request);
+    event.smartcard = Some(card);
+    event.card_id = Some(card_id.to_string());
+    event
 }
 
 /// Whether the request still releases keys for the card (re-read inside a write transaction).
@@ -623,26 +638,119 @@ impl Service {
         card_uuid: Uuid,
         card_id: CardId,
     ) -> Result<KeyRelease, ServiceError> {
-        let mut event = ctx.event("key.release");
-        event.request = Some(request_id);
-        event.smartcard = Some(card_uuid);
-        event.card_id = Some(card_id.to_string());
-        let result = self
-            .decide_release(ctx.caller, request_id, card_uuid, card_id, &mut event)
-            .await;
-        event.outcome = match &result {
-            Ok(KeyRelease::Key { .. }) => "released".into(),
-            Ok(KeyRelease::NotDiversified) => "default_key".into(),
-            Err(e) => outcome_of(e),
+        let mut event = key_event(ctx, "key.release", request_id, card_uuid, card_id);
+        let result = async {
+            let card = self
+                .bound_card(
+                    ctx.caller,
+                    Permission::ReadKey,
+                    request_id,
+                    card_uuid,
+                    card_id,
+                    &mut event,
+                )
+                .await?;
+            Ok(match self.derive_for(&card, &mut event).await? {
+                None => KeyRelease::NotDiversified,
+                Some((key, binding)) => KeyRelease::Key {
+                    key,
+                    master_key_label: binding.master_key_label,
+                    version: binding.version,
+                },
+            })
+        }
+        .await;
+        let outcome = match &result {
+            Ok(KeyRelease::Key { .. }) => Some("released"),
+            Ok(KeyRelease::NotDiversified) => Some("default_key"),
+            Err(_) => None,
+        };
+        let uses_key = matches!(result, Ok(KeyRelease::Key { .. }));
+        self.audited(event, result, outcome, uses_key, request_id, card_uuid)
+            .await
+    }
+
+    /// The answer to a card's admin challenge (SPEC section 2, authenticationresponse): the
+    /// challenge encrypted under the card's diversified key, or under the template's default
+    /// key when `diversified` is false. The key itself never leaves divkey.
+    pub async fn authentication_response(
+        &self,
+        ctx: &CallContext<'_>,
+        request_id: Uuid,
+        card_uuid: Uuid,
+        card_id: CardId,
+        challenge: Zeroizing<Vec<u8>>,
+        diversified: bool,
+    ) -> Result<Vec<u8>, ServiceError> {
+        let mut event = key_event(ctx, "key.authenticate", request_id, card_uuid, card_id);
+        let result = async {
+            let card = self
+                .bound_card(
+                    ctx.caller,
+                    Permission::Authenticate,
+                    request_id,
+                    card_uuid,
+                    card_id,
+                    &mut event,
+                )
+                .await?;
+            let key = if diversified {
+                match self.derive_for(&card, &mut event).await? {
+                    Some((key, _)) => key,
+                    None => {
+                        return Err(ServiceError::BadInput(
+                            "the card's template does not diversify: use diversified=false".into(),
+                        ));
+                    }
+                }
+            } else {
+                let template = self.template(&card.template).ok_or_else(|| {
+                    forbidden(
+                        "TemplateNotConfigured",
+                        "the card's profile template is not configured",
+                    )
+                })?;
+                let bytes =
+                    Zeroizing::new(hex::decode(&template.default_admin_key_hex).map_err(|_| {
+                        ServiceError::Internal("default_admin_key_hex is not hex".into())
+                    })?);
+                event.kcv = None;
+                event.algorithm = Some("default-key".into());
+                AdminKey::new(template.key_type, bytes)
+            };
+            event.kcv = crate::kcv::admin_key_kcv(&key).map(|k| k.to_string());
+            crate::challenge::respond(&key, &challenge)
+                .map_err(|e| ServiceError::BadInput(e.to_string()))
+        }
+        .await;
+        let outcome = result.as_ref().ok().map(|_| "responded");
+        let uses_key = result.is_ok();
+        self.audited(event, result, outcome, uses_key, request_id, card_uuid)
+            .await
+    }
+
+    /// Writes the audit record of a key use and passes the result on. The record and a last
+    /// look at the request share one write transaction: a request completed or canceled while
+    /// the key was derived gets nothing, and what the trail says happened is what happened.
+    /// If the record cannot be written, nothing made with the key is returned.
+    async fn audited<T: Send + 'static>(
+        &self,
+        mut event: AuditEvent,
+        result: Result<T, ServiceError>,
+        success: Option<&str>,
+        uses_key: bool,
+        request_id: Uuid,
+        card_uuid: Uuid,
+    ) -> Result<T, ServiceError> {
+        event.outcome = match (&result, success) {
+            (Err(e), _) => outcome_of(e),
+            (Ok(_), Some(s)) => s.to_owned(),
+            (Ok(_), None) => "ok".to_owned(),
         };
         let outcome = event.outcome.clone();
-        let releasing = matches!(result, Ok(KeyRelease::Key { .. }));
-        // The record and a last look at the request share one write transaction: a request
-        // completed or canceled while the key was derived gets no key, and what the trail
-        // says happened is what happened.
         let written = self
             .write(move |tx| {
-                if releasing && !still_releasable(tx, &request_id, &card_uuid)? {
+                if uses_key && !still_releasable(tx, &request_id, &card_uuid)? {
                     event.kcv = None;
                     event.outcome = "denied:StateChanged".into();
                     tx.append_audit(&event)?;
@@ -663,7 +771,7 @@ impl Service {
             Err(e) => Err(e),
         };
         match (result, written) {
-            (Ok(release), Ok(())) => Ok(release),
+            (Ok(done), Ok(())) => Ok(done),
             (Ok(_withheld), Err(e)) => {
                 tracing::error!(error = %e, outcome, "audit write failed: key withheld");
                 Err(ServiceError::AuditUnavailable(e.to_string()))
@@ -681,25 +789,22 @@ impl Service {
         self.write(move |tx| Ok(tx.append_audit(&event)?)).await
     }
 
-    async fn decide_release(
+    /// Steps 2 to 4 of the key decision: the caller's permission on the request's template,
+    /// the request and card known, the request active, the card bound to it and its card ID.
+    async fn bound_card(
         &self,
         caller: &Caller,
+        permission: Permission,
         request_id: Uuid,
         card_uuid: Uuid,
         card_id: CardId,
         event: &mut AuditEvent,
-    ) -> Result<KeyRelease, ServiceError> {
+    ) -> Result<Smartcard, ServiceError> {
         let (request, card) = self
             .read(move |tx| Ok((tx.request(&request_id)?, tx.card(&card_uuid)?)))
             .await?;
         event.template = request.as_ref().map(|r| r.template);
-        let request = authorize(
-            caller,
-            Permission::ReadKey,
-            request,
-            |r| r.template,
-            "request",
-        )?;
+        let request = authorize(caller, permission, request, |r| r.template, "request")?;
         let card = card.ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
         if !request.status.releases_keys() {
             return Err(forbidden(
@@ -731,8 +836,18 @@ impl Service {
                 format!("the smart card is {}", card.status.name()),
             ));
         }
-        let Some(binding) = card.key else {
-            return Ok(KeyRelease::NotDiversified);
+        Ok(card)
+    }
+
+    /// Derives the card's admin key with the master key version and settings pinned to it;
+    /// `None` for a card whose template does not diversify.
+    async fn derive_for(
+        &self,
+        card: &Smartcard,
+        event: &mut AuditEvent,
+    ) -> Result<Option<(AdminKey, KeyBinding)>, ServiceError> {
+        let Some(binding) = card.key.clone() else {
+            return Ok(None);
         };
         event.algorithm = Some(binding.derivation.algorithm_name());
         event.master_key_label = Some(binding.master_key_label.clone());
@@ -760,11 +875,62 @@ impl Service {
             .derive_admin_key(master, &binding.derivation, card.card_id)
             .await?;
         event.kcv = crate::kcv::admin_key_kcv(&key).map(|k| k.to_string());
-        Ok(KeyRelease::Key {
-            key,
-            master_key_label: binding.master_key_label,
-            version: binding.version,
+        Ok(Some((key, binding)))
+    }
+
+    /// `PUT /requests/{reqid}/smartcards/{scid}`: sets a bound card's status (Retired,
+    /// Disabled or Active). A retired card gets no keys until a new request binds it again.
+    pub async fn set_card_status(
+        &self,
+        ctx: &CallContext<'_>,
+        request_id: Uuid,
+        card_uuid: Uuid,
+        status: &str,
+    ) -> Result<Smartcard, ServiceError> {
+        let status = match SmartcardStatus::from_name(status) {
+            Some(
+                s
+                @ (SmartcardStatus::Retired | SmartcardStatus::Disabled | SmartcardStatus::Active),
+            ) => s,
+            _ => {
+                return Err(ServiceError::BadInput(format!(
+                    "status {status:?}: use Retired, Disabled or Active"
+                )));
+            }
+        };
+        let found = self.read(move |tx| Ok(tx.request(&request_id)?)).await?;
+        let request = authorize(
+            ctx.caller,
+            Permission::Request,
+            found,
+            |r| r.template,
+            "request",
+        )?;
+        let mut event = ctx.event("card.status");
+        event.request = Some(request_id);
+        event.smartcard = Some(card_uuid);
+        event.template = Some(request.template);
+        event.outcome = status.name().to_owned();
+        self.write(move |tx| {
+            let r = tx
+                .request(&request_id)?
+                .ok_or_else(|| ServiceError::NotFound("request not found".into()))?;
+            let card = tx
+                .card(&card_uuid)?
+                .ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
+            if !r.binds(&card.uuid) {
+                return Err(forbidden(
+                    "CardNotBound",
+                    "the smart card is not bound to this request",
+                ));
+            }
+            event.card_id = Some(card.card_id.to_string());
+            tx.set_card_status(&card.uuid, status)?;
+            tx.append_audit(&event)?;
+            tx.card(&card.uuid)?
+                .ok_or_else(|| ServiceError::Internal("card vanished".into()))
         })
+        .await
     }
 
     /// Readiness: a pooled HSM session and the store both answer.

@@ -1420,7 +1420,6 @@ fn separation_of_duties_blocks_self_approval() {
 /// SPEC section 2: `GET /requests/{reqid}/smartcards/{scid}/authenticationresponse` answers a
 /// card's admin challenge without releasing the key; the issue gates it by `authenticate`.
 #[test]
-#[ignore = "the authenticationresponse endpoint is built by the key lifecycle issue (4)"]
 fn authenticate_permission_gates_admin_challenge_responses() {
     let mut rest = template(T1, "challenge", 0, false);
     rest.push_str(&caller(

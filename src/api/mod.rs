@@ -49,6 +49,8 @@ enum Route {
     GetCard(String),
     FindCards,
     DiversifiedKey(String, String),
+    AuthenticationResponse(String, String),
+    PutCard(String, String),
     Healthz,
     Readyz,
 }
@@ -65,6 +67,8 @@ impl Route {
             Self::GetCard(_) => "get_card",
             Self::FindCards => "find_cards",
             Self::DiversifiedKey(..) => "diversifiedkey",
+            Self::AuthenticationResponse(..) => "authenticationresponse",
+            Self::PutCard(..) => "put_card",
             Self::Healthz => "healthz",
             Self::Readyz => "readyz",
         }
@@ -117,13 +121,28 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
         ["requests", _, "smartcards", _, "diversifiedkey"] if m == Method::GET => {
             Route::DiversifiedKey(segs[1].clone(), segs[3].clone())
         }
+        ["requests", _, "smartcards", _, "authenticationresponse"] if m == Method::GET => {
+            Route::AuthenticationResponse(segs[1].clone(), segs[3].clone())
+        }
+        ["requests", _, "smartcards", _] if m == Method::PUT => {
+            Route::PutCard(segs[1].clone(), segs[3].clone())
+        }
         ["profiletemplates"]
         | ["profiletemplates", _, "configuration", "smartcards"]
         | ["requests"]
         | ["requests", _]
         | ["smartcards"]
         | ["smartcards", _]
-        | ["requests", _, "smartcards", _, "diversifiedkey"] => return Err(not_allowed()),
+        | ["requests", _, "smartcards", _]
+        | [
+            "requests",
+            _,
+            "smartcards",
+            _,
+            "diversifiedkey" | "authenticationresponse",
+        ] => {
+            return Err(not_allowed());
+        }
         _ => return Err(not_found()),
     };
     Ok(r)
@@ -368,12 +387,18 @@ async fn handle(
     let caller = match authenticate(req, &state.policy) {
         Ok(caller) => caller,
         Err(e) => {
-            if let Route::DiversifiedKey(reqid, scid) = &route {
+            if let Route::DiversifiedKey(reqid, scid) | Route::AuthenticationResponse(reqid, scid) =
+                &route
+            {
                 // Denials on the key endpoint are audited, unauthenticated ones included.
                 let event = AuditEvent {
                     source,
                     correlation_id: Some(correlation_id.to_owned()),
-                    action: "key.release".into(),
+                    action: match route {
+                        Route::AuthenticationResponse(..) => "key.authenticate",
+                        _ => "key.release",
+                    }
+                    .into(),
                     request: parse_guid(reqid).ok(),
                     smartcard: parse_guid(scid).ok(),
                     outcome: "denied:Unauthorized".into(),
@@ -484,21 +509,7 @@ async fn handle(
                 .as_ref()
                 .and_then(|l| l.take(&caller.name).err())
             {
-                let event = AuditEvent {
-                    caller: Some(caller.name.clone()),
-                    source: ctx.source.clone(),
-                    correlation_id: Some(ctx.correlation_id.clone()),
-                    action: "key.release".into(),
-                    request: Some(reqid),
-                    smartcard: Some(scid),
-                    card_id: Some(card.to_string()),
-                    outcome: "denied:RateLimited".into(),
-                    ..AuditEvent::default()
-                };
-                if let Err(audit) = service.record(event).await {
-                    tracing::error!(error = %audit, "audit write failed");
-                }
-                return Err(ApiError::rate_limited(wait));
+                return Err(rate_limited(service, &ctx, reqid, scid, card, wait).await);
             }
             match service.release_key(&ctx, reqid, scid, card).await? {
                 KeyRelease::NotDiversified => {
@@ -532,8 +543,85 @@ async fn handle(
                 }
             }
         }
+        Route::AuthenticationResponse(reqid, scid) => {
+            let reqid = guid("request id", &reqid)?;
+            let scid = guid("smart card id", &scid)?;
+            let card = card_id(query.get("cardid")?)?;
+            let _atr = atr(query.get("atr")?)?;
+            let challenge = query
+                .get("challenge")?
+                .ok_or_else(|| ApiError::bad_request("challenge is required"))
+                .and_then(|c| {
+                    base64::engine::general_purpose::STANDARD
+                        .decode(c)
+                        .map(Zeroizing::new)
+                        .map_err(|_| ApiError::bad_request("challenge is not standard base64"))
+                })?;
+            if challenge.len() != 8 && challenge.len() != 16 {
+                return Err(ApiError::bad_request("challenge must be 8 or 16 bytes"));
+            }
+            let diversified = match query
+                .get("diversified")?
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                Some("true") => true,
+                Some("false") => false,
+                _ => return Err(ApiError::bad_request("diversified must be true or false")),
+            };
+            if let Some(wait) = state
+                .limiter
+                .as_ref()
+                .and_then(|l| l.take(&caller.name).err())
+            {
+                return Err(rate_limited(service, &ctx, reqid, scid, card, wait).await);
+            }
+            let response = service
+                .authentication_response(&ctx, reqid, scid, card, challenge, diversified)
+                .await?;
+            info!(request = %reqid, smartcard = %scid, card_id = %card, diversified, "challenge answered");
+            let encoded = base64::engine::general_purpose::STANDARD.encode(response);
+            no_store(json(StatusCode::OK, &encoded))
+        }
+        Route::PutCard(reqid, scid) => {
+            let reqid = guid("request id", &reqid)?;
+            let scid = guid("smart card id", &scid)?;
+            let b = Body::parse(body)?;
+            let status = b
+                .string("status")?
+                .ok_or_else(|| ApiError::bad_request("status is required"))?;
+            let c = service.set_card_status(&ctx, reqid, scid, status).await?;
+            info!(request = %reqid, smartcard = %c.uuid, status = c.status.name(), "card status changed");
+            json(StatusCode::OK, &wire::SmartcardBody::from(&c))
+        }
         Route::Healthz | Route::Readyz => unreachable_route(),
     })
+}
+
+/// A key request over the caller's rate limit: audited, then 429.
+async fn rate_limited(
+    service: &Service,
+    ctx: &CallContext<'_>,
+    request: Uuid,
+    smartcard: Uuid,
+    card: CardId,
+    wait: std::time::Duration,
+) -> ApiError {
+    let event = AuditEvent {
+        caller: Some(ctx.caller.name.clone()),
+        source: ctx.source.clone(),
+        correlation_id: Some(ctx.correlation_id.clone()),
+        action: "key.release".into(),
+        request: Some(request),
+        smartcard: Some(smartcard),
+        card_id: Some(card.to_string()),
+        outcome: "denied:RateLimited".into(),
+        ..AuditEvent::default()
+    };
+    if let Err(audit) = service.record(event).await {
+        tracing::error!(error = %audit, "audit write failed");
+    }
+    ApiError::rate_limited(wait)
 }
 
 /// Health routes return before authentication; this arm only satisfies the match.
