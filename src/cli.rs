@@ -19,6 +19,7 @@ use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef, MasterKeys};
 use crate::logging;
 use crate::policy::Policy;
 use crate::ratelimit::KeyReleaseLimiter;
+use crate::selftest;
 use crate::service::Service;
 use crate::store::Store;
 use crate::tls;
@@ -217,6 +218,17 @@ fn master_keys(hsm: &Hsm, store: &Store, templates: &[Template]) -> Result<Maste
     Ok(masters)
 }
 
+/// Runs the known-answer self-test of every algorithm the templates use.
+fn self_test(hsm: &Hsm, templates: &[Template]) -> Result<usize, String> {
+    let mut algorithms: Vec<String> = templates
+        .iter()
+        .filter_map(|t| t.derivation.as_ref().map(selftest::algorithm_of))
+        .collect();
+    algorithms.sort();
+    algorithms.dedup();
+    selftest::run(hsm, algorithms.iter().map(String::as_str)).map_err(|e| e.to_string())
+}
+
 /// Refuses a token whose master key under a label and version is not the key that issued
 /// cards were derived with (serving would hand those cards wrong keys), or lacks a version
 /// that cards were issued under.
@@ -256,6 +268,8 @@ fn check(path: &Path) -> Result<(), String> {
     let hsm = open_hsm(&config)?;
     let store = Store::open(&config.store.sqlite).map_err(|e| e.to_string())?;
     let masters = master_keys(&hsm, &store, &templates)?;
+    let passed = self_test(&hsm, &templates)?;
+    println!("self-test: {passed} algorithm(s) reproduce their known answers in the HSM");
     for key in masters.all() {
         println!(
             "master key {:?} version {} {} KCV {}",
@@ -283,6 +297,8 @@ fn serve(path: &Path) -> Result<(), String> {
     let hsm = Arc::new(open_hsm(&config)?);
     let store = Arc::new(Store::open(&config.store.sqlite).map_err(|e| e.to_string())?);
     let masters = master_keys(&hsm, &store, &templates)?;
+    let passed = self_test(&hsm, &templates)?;
+    tracing::info!(algorithms = passed, "self-test passed");
     for key in masters.all() {
         tracing::info!(label = %key.label, version = key.version, size = key.size.name(), kcv = %key.kcv, "master key ready");
     }

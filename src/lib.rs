@@ -16,6 +16,7 @@ pub mod kcv;
 pub mod logging;
 pub mod policy;
 pub mod ratelimit;
+pub mod selftest;
 pub mod service;
 pub mod store;
 pub mod tls;

@@ -202,22 +202,31 @@ fn list_keys(token: &TestToken, config: &Path) -> Vec<(String, ListedKey)> {
     assert_no_secret("keys list", &out, &[USER_PIN]);
     let mut lines = out.lines();
     let header = lines.next().expect("keys list header");
-    for col in ["LABEL", "TYPE", "BITS", "KCV", "SENSITIVE", "EXTRACTABLE"] {
+    for col in [
+        "LABEL",
+        "VERSION",
+        "TYPE",
+        "BITS",
+        "KCV",
+        "SENSITIVE",
+        "EXTRACTABLE",
+    ] {
         assert!(header.contains(col), "header lacks {col}: {header}");
     }
     lines
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(cols.len(), 6, "keys list row: {l}");
+            // LABEL VERSION TYPE BITS KCV SENSITIVE EXTRACTABLE
+            assert_eq!(cols.len(), 7, "keys list row: {l}");
             (
                 cols[0].to_owned(),
                 ListedKey {
-                    key_type: cols[1].to_owned(),
-                    bits: cols[2].parse().unwrap(),
-                    kcv: cols[3].to_owned(),
-                    sensitive: cols[4].to_owned(),
-                    extractable: cols[5].to_owned(),
+                    key_type: cols[2].to_owned(),
+                    bits: cols[3].parse().unwrap(),
+                    kcv: cols[4].to_owned(),
+                    sensitive: cols[5].to_owned(),
+                    extractable: cols[6].to_owned(),
                 },
             )
         })
@@ -641,7 +650,11 @@ fn keys_generate_list_and_check() {
             &["gen-aes256", "already exists"],
         );
     }
-    let components = vec![hex::encode([0x5Au8; 32])];
+    // Two valid components (a ceremony takes 2 to 5): refused for the label alone.
+    let components = vec![
+        "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4".to_owned(),
+        "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f".to_owned(),
+    ];
     let (code, out, err) = run_divkey(
         &token,
         &import_args(&setup, "gen-aes256", "aes256", &components, None),

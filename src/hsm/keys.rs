@@ -548,3 +548,32 @@ impl MasterKeys {
         self.versions.iter()
     }
 }
+
+impl Hsm {
+    /// Derives with a clear test key held in a session object for the call only (created,
+    /// used, destroyed): the self-test's path through the HSM's own CMAC.
+    pub fn known_answer(
+        &self,
+        test_key: &[u8],
+        derivation: &crate::diversify::Derivation,
+        card: &crate::domain::CardId,
+    ) -> Result<crate::diversify::AdminKey, HsmError> {
+        let size = AesKeySize::from_len(test_key.len())
+            .ok_or_else(|| HsmError::Refused("test key is not an AES key".into()))?;
+        self.with_session(|session| {
+            let mut template = secret_key_template(size, false);
+            template.retain(|a| a.attribute_type() != AttributeType::ValueLen);
+            template.push(Attribute::Value(test_key.to_vec()));
+            let created = session.create_object(&template);
+            wipe(template);
+            let key = created?;
+            let result = crate::diversify::derive_admin_key(
+                &mut SessionPrf { session, key },
+                derivation,
+                card,
+            );
+            session.destroy_object(key)?;
+            result
+        })
+    }
+}
