@@ -632,11 +632,8 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
             let key = hsm
-                .master_key_versions(&label)
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .find(|v| v.version == version)
-                .ok_or_else(|| format!("master key {label:?} has no version {version}"))?;
+                .master_key_version(&label, version)
+                .map_err(|e| e.to_string())?;
             let retire = audit
                 .0
                 .write(|tx| tx.retire_version(&label, version))
@@ -662,11 +659,8 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
             let key = hsm
-                .master_key_versions(&label)
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .find(|v| v.version == version)
-                .ok_or_else(|| format!("master key {label:?} has no version {version}"))?;
+                .master_key_version(&label, version)
+                .map_err(|e| e.to_string())?;
             let cards = audit
                 .0
                 .read(|tx| tx.cards_using(&label, version))

@@ -247,6 +247,17 @@ impl Hsm {
         })
     }
 
+    /// One version of the master key `label`, checked as [`Self::master_key_versions`].
+    pub fn master_key_version(&self, label: &str, version: u32) -> Result<MasterKeyRef, HsmError> {
+        self.master_key_versions(label)?
+            .into_iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| HsmError::MasterKey {
+                label: label.to_owned(),
+                problem: format!("has no version {version}"),
+            })
+    }
+
     /// The newest version of the master key `label`, checked as [`Self::master_key_versions`].
     pub fn master_key(&self, label: &str) -> Result<MasterKeyRef, HsmError> {
         self.master_key_versions(label)?
@@ -274,10 +285,7 @@ impl Hsm {
             session.generate_key(&Mechanism::AesKeyGen, &template)?;
             Ok(())
         })?;
-        self.master_key_versions(label)?
-            .into_iter()
-            .find(|v| v.version == next)
-            .ok_or_else(|| HsmError::Other(format!("version {next} of {label:?} vanished")))
+        self.master_key_version(label, next)
     }
 
     fn refuse_existing(&self, session: &Session, label: &str) -> Result<(), HsmError> {
@@ -414,11 +422,7 @@ impl Hsm {
             wipe(template);
             created.map(|_| ()).map_err(HsmError::from)
         })?;
-        let stored = self
-            .master_key_versions(label)?
-            .into_iter()
-            .find(|v| v.version == version)
-            .ok_or_else(|| HsmError::Other(format!("version {version} of {label:?} vanished")))?;
+        let stored = self.master_key_version(label, version)?;
         if stored.kcv != prepared.kcv {
             return Err(HsmError::Other(
                 "the stored key's check value differs from the prepared one".into(),
