@@ -81,6 +81,21 @@ pub fn read_component_file(
     path: &Path,
     size: AesKeySize,
 ) -> Result<Zeroizing<Vec<u8>>, String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(|e| format!("component {number}: cannot read {}: {e}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "component {number}: {} has mode {:o}; it must deny group and other (chmod 600)",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
     let text = Zeroizing::new(
         std::fs::read_to_string(path)
             .map_err(|e| format!("component {number}: cannot read {}: {e}", path.display()))?,

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::audit::AuditEvent;
 use crate::config::Template;
-use crate::diversify::AdminKey;
+use crate::diversify::{AdminKey, AdminKeyType};
 use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
 use crate::hsm::{DerivationPool, HsmError, MasterKeys};
 use crate::policy::{Caller, Permission};
@@ -451,7 +451,12 @@ impl Service {
                         return conflict("complete");
                     }
                     tx.set_request_status(&id, RequestStatus::Completed)?;
-                    if let Some(card) = r.new_smartcard {
+                    // The bound card becomes Active unless it was retired or disabled meanwhile.
+                    if let Some(card) = r.new_smartcard
+                        && tx
+                            .card(&card)?
+                            .is_some_and(|c| c.status == SmartcardStatus::Assigned)
+                    {
                         tx.set_card_status(&card, SmartcardStatus::Active)?;
                     }
                     if let Some(card) = r.old_smartcard {
@@ -694,6 +699,26 @@ impl Service {
                     &mut event,
                 )
                 .await?;
+            // The challenge must fit the key before any key is touched.
+            let key_type = if diversified {
+                card.key.as_ref().map(|b| b.derivation.key_type())
+            } else {
+                self.template(&card.template).map(|t| t.key_type)
+            };
+            if let Some(key_type) = key_type {
+                let expected = if key_type == AdminKeyType::Des3 {
+                    8
+                } else {
+                    16
+                };
+                if challenge.len() != expected {
+                    return Err(ServiceError::BadInput(format!(
+                        "challenge must be {expected} bytes for a {} key, not {}",
+                        key_type.name(),
+                        challenge.len()
+                    )));
+                }
+            }
             let key = if diversified {
                 match self.derive_for(&card, &mut event).await? {
                     Some((key, _)) => key,
@@ -918,10 +943,25 @@ impl Service {
             let card = tx
                 .card(&card_uuid)?
                 .ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
+            if !r.status.releases_keys() {
+                return Err(forbidden(
+                    "RequestNotActive",
+                    format!(
+                        "the request is {}; card status changes through an Approved or Executing request",
+                        r.status.name()
+                    ),
+                ));
+            }
             if !r.binds(&card.uuid) {
                 return Err(forbidden(
                     "CardNotBound",
                     "the smart card is not bound to this request",
+                ));
+            }
+            // Leaving Retired takes a new request that binds the card again.
+            if card.status == SmartcardStatus::Retired && status != SmartcardStatus::Retired {
+                return Err(ServiceError::Conflict(
+                    "the card is Retired; a new enrollment request must bind it again".into(),
                 ));
             }
             event.card_id = Some(card.card_id.to_string());
