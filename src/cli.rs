@@ -17,6 +17,7 @@ use crate::config::{Config, Template};
 use crate::diversify::AesKeySize;
 use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef, MasterKeys};
 use crate::logging;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::ratelimit::KeyReleaseLimiter;
 use crate::selftest;
@@ -302,17 +303,20 @@ fn serve(path: &Path) -> Result<(), String> {
     for key in masters.all() {
         tracing::info!(label = %key.label, version = key.version, size = key.size.name(), kcv = %key.kcv, "master key ready");
     }
+    let metrics = Metrics::new();
     let pool = DerivationPool::start(
         Arc::clone(&hsm),
         config.hsm.sessions,
         config.hsm.queue,
         Duration::from_millis(config.hsm.deadline_ms),
+        Arc::clone(&metrics.hsm),
     )
     .map_err(|e| e.to_string())?;
     let state = Arc::new(AppState {
         service: Service::new(templates, masters, store, pool),
         policy: Policy::new(&config.caller),
         limiter: config.rate_limit.as_ref().map(KeyReleaseLimiter::new),
+        metrics,
     });
     let workers = config
         .workers

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod hsm;
 pub mod kcv;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
 pub mod selftest;

@@ -23,6 +23,7 @@ pub use error::ApiError;
 
 use crate::audit::AuditEvent;
 use crate::domain::{Atr, CardId, RequestType, enum_from_json, parse_guid};
+use crate::metrics::{EndpointLabels, HttpLabels, Metrics};
 use crate::policy::{Caller, ClientCertificate, Policy};
 use crate::ratelimit::KeyReleaseLimiter;
 use crate::service::{CallContext, KeyRelease, NewRequest, Service};
@@ -36,6 +37,7 @@ pub struct AppState {
     pub service: Service,
     pub policy: Policy,
     pub limiter: Option<KeyReleaseLimiter>,
+    pub metrics: Metrics,
 }
 
 /// The endpoints, resolved from method and path.
@@ -53,6 +55,7 @@ enum Route {
     PutCard(String, String),
     Healthz,
     Readyz,
+    Metrics,
 }
 
 impl Route {
@@ -71,6 +74,7 @@ impl Route {
             Self::PutCard(..) => "put_card",
             Self::Healthz => "healthz",
             Self::Readyz => "readyz",
+            Self::Metrics => "metrics",
         }
     }
 }
@@ -87,11 +91,12 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
     };
     let m = method;
     match path {
-        "/healthz" | "/readyz" if m != Method::GET && m != Method::HEAD => {
+        "/healthz" | "/readyz" | "/metrics" if m != Method::GET && m != Method::HEAD => {
             return Err(not_allowed());
         }
         "/healthz" => return Ok(Route::Healthz),
         "/readyz" => return Ok(Route::Readyz),
+        "/metrics" => return Ok(Route::Metrics),
         _ => {}
     }
     let rest = path
@@ -343,13 +348,27 @@ pub async fn dispatch(
             resp.headers_mut()
                 .insert(header::HeaderName::from_static("x-correlation-id"), v);
         }
+        let elapsed = started.elapsed();
+        state
+            .metrics
+            .http_requests
+            .get_or_create(&HttpLabels {
+                endpoint: name,
+                status: resp.status().as_u16(),
+            })
+            .inc();
+        state
+            .metrics
+            .http_latency
+            .get_or_create(&EndpointLabels { endpoint: name })
+            .observe(elapsed.as_secs_f64());
         info!(
             method = %req.method(),
             endpoint = name,
             status = resp.status().as_u16(),
             caller = caller_name.as_deref().unwrap_or("-"),
             peer = %req.peer_addr().map_or_else(|| "-".to_owned(), |a| a.ip().to_string()),
-            micros = started.elapsed().as_micros() as u64,
+            micros = elapsed.as_micros() as u64,
             "handled"
         );
         resp
@@ -369,6 +388,11 @@ async fn handle(
     let service = &state.service;
     match route {
         Route::Healthz => return Ok(json(StatusCode::OK, &serde_json::json!({"Status": "ok"}))),
+        Route::Metrics => {
+            return Ok(HttpResponse::Ok()
+                .content_type("text/plain; version=0.0.4; charset=utf-8")
+                .body(state.metrics.render()));
+        }
         Route::Readyz => {
             return Ok(match service.ready().await {
                 Ok(()) => json(StatusCode::OK, &serde_json::json!({"Ready": true})),
@@ -594,7 +618,7 @@ async fn handle(
             info!(request = %reqid, smartcard = %c.uuid, status = c.status.name(), "card status changed");
             json(StatusCode::OK, &wire::SmartcardBody::from(&c))
         }
-        Route::Healthz | Route::Readyz => unreachable_route(),
+        Route::Healthz | Route::Readyz | Route::Metrics => unreachable_route(),
     })
 }
 

@@ -12,6 +12,8 @@ use std::time::Duration;
 use cryptoki::session::Session;
 use tokio::sync::oneshot;
 
+use crate::metrics::{HsmLabels, HsmMetrics};
+
 use super::keys::SessionPrf;
 use super::{Hsm, HsmError, MasterKeyRef};
 use crate::diversify::{AdminKey, Derivation, Kcv, aes_kcv, derive_admin_key};
@@ -24,6 +26,16 @@ pub struct DerivationPool {
     jobs: Option<SyncSender<Job>>,
     workers: Vec<JoinHandle<()>>,
     deadline: Duration,
+    metrics: Arc<HsmMetrics>,
+}
+
+fn outcome(e: &HsmError) -> &'static str {
+    match e {
+        HsmError::Unavailable { .. } => "unavailable",
+        HsmError::Timeout => "timeout",
+        HsmError::Busy => "busy",
+        _ => "error",
+    }
 }
 
 impl DerivationPool {
@@ -33,16 +45,18 @@ impl DerivationPool {
         sessions: usize,
         queue: usize,
         deadline: Duration,
+        metrics: Arc<HsmMetrics>,
     ) -> Result<Self, HsmError> {
         let (tx, rx) = sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
         let mut workers = Vec::with_capacity(sessions);
         for i in 0..sessions {
             let session = hsm.open_session()?;
-            let (hsm, rx) = (Arc::clone(&hsm), Arc::clone(&rx));
+            metrics.sessions.inc();
+            let (hsm, rx, m) = (Arc::clone(&hsm), Arc::clone(&rx), Arc::clone(&metrics));
             let handle = std::thread::Builder::new()
                 .name(format!("hsm-{i}"))
-                .spawn(move || worker(&hsm, &rx, Some(session)))
+                .spawn(move || worker(&hsm, &rx, Some(session), &m))
                 .map_err(|e| HsmError::Other(format!("cannot start HSM worker: {e}")))?;
             workers.push(handle);
         }
@@ -50,6 +64,7 @@ impl DerivationPool {
             jobs: Some(tx),
             workers,
             deadline,
+            metrics,
         })
     }
 
@@ -59,21 +74,42 @@ impl DerivationPool {
         f: impl FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
     ) -> Result<T, HsmError> {
         let (tx, rx) = oneshot::channel();
+        let m = Arc::clone(&self.metrics);
         let job: Job = Box::new(move |session| {
+            m.queue_depth.dec();
+            m.sessions_busy.inc();
+            let started = std::time::Instant::now();
             let result = session.and_then(f);
+            m.latency.observe(started.elapsed().as_secs_f64());
+            m.sessions_busy.dec();
             let discard = result.as_ref().err().is_some_and(HsmError::poisons_session);
+            let label = result.as_ref().err().map_or("ok", outcome);
+            m.calls.get_or_create(&HsmLabels { outcome: label }).inc();
             let _ = tx.send(result);
             discard
         });
-        let jobs = self.jobs.as_ref().ok_or(HsmError::Busy)?;
-        jobs.try_send(job).map_err(|e| match e {
-            TrySendError::Full(_) => HsmError::Busy,
-            TrySendError::Disconnected(_) => HsmError::Other("HSM workers stopped".into()),
-        })?;
+        let refused = |e: HsmError| {
+            self.metrics
+                .calls
+                .get_or_create(&HsmLabels {
+                    outcome: outcome(&e),
+                })
+                .inc();
+            e
+        };
+        let jobs = self.jobs.as_ref().ok_or(HsmError::Busy).map_err(refused)?;
+        self.metrics.queue_depth.inc();
+        if let Err(e) = jobs.try_send(job) {
+            self.metrics.queue_depth.dec();
+            return Err(refused(match e {
+                TrySendError::Full(_) => HsmError::Busy,
+                TrySendError::Disconnected(_) => HsmError::Other("HSM workers stopped".into()),
+            }));
+        }
         match tokio::time::timeout(self.deadline, rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(HsmError::Other("HSM worker ended without answer".into())),
-            Err(_) => Err(HsmError::Timeout),
+            Err(_) => Err(refused(HsmError::Timeout)),
         }
     }
 
@@ -120,7 +156,12 @@ impl DerivationPool {
     }
 }
 
-fn worker(hsm: &Hsm, jobs: &Mutex<Receiver<Job>>, mut session: Option<Session>) {
+fn worker(
+    hsm: &Hsm,
+    jobs: &Mutex<Receiver<Job>>,
+    mut session: Option<Session>,
+    metrics: &HsmMetrics,
+) {
     loop {
         let job = match jobs.lock() {
             Ok(rx) => match rx.recv() {
@@ -131,7 +172,10 @@ fn worker(hsm: &Hsm, jobs: &Mutex<Receiver<Job>>, mut session: Option<Session>) 
         };
         if session.is_none() {
             match hsm.open_session() {
-                Ok(s) => session = Some(s),
+                Ok(s) => {
+                    metrics.sessions.inc();
+                    session = Some(s);
+                }
                 Err(e) => {
                     job(Err(e));
                     continue;
@@ -141,6 +185,7 @@ fn worker(hsm: &Hsm, jobs: &Mutex<Receiver<Job>>, mut session: Option<Session>) 
         let current = session.as_ref().ok_or(HsmError::Busy);
         if job(current) {
             session = None;
+            metrics.sessions.dec();
         }
     }
 }
