@@ -134,6 +134,15 @@ pub fn combine(components: &[Zeroizing<Vec<u8>>]) -> Result<Zeroizing<Vec<u8>>, 
     if let Some(why) = weakness(&key) {
         return Err(format!("the combined key {why}"));
     }
+    // A repeated component cancels out or hands the key to one custodian.
+    for (i, a) in components.iter().enumerate() {
+        if let Some(j) = components[i + 1..].iter().position(|b| a == b) {
+            return Err(format!("components {} and {} are equal", i + 1, i + j + 2));
+        }
+    }
+    if let Some(i) = components.iter().position(|c| **c == *key) {
+        return Err(format!("the combined key equals component {}", i + 1));
+    }
     Ok(key)
 }
 
@@ -169,6 +178,10 @@ mod tests {
         let k = combine(&[a.clone(), b]).unwrap();
         assert_eq!(k[0], 0x2b);
         assert_eq!(k[15], 0x3c ^ 0x0f);
+        let c = Zeroizing::new(hex::decode("603deb1015ca71be2b73aef0857d7781").unwrap());
+        // A, B, A: the XOR is B, one custodian's component.
+        let e = combine(&[a.clone(), c.clone(), a.clone()]).unwrap_err();
+        assert!(e.contains("equal"), "{e}");
         assert!(combine(&vec![a; 6]).is_err());
     }
 }

@@ -22,7 +22,7 @@ use crate::policy::Policy;
 use crate::ratelimit::KeyReleaseLimiter;
 use crate::selftest;
 use crate::service::Service;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::tls;
 
 #[derive(Parser)]
@@ -364,6 +364,31 @@ impl CliAudit {
             .map_err(|e| format!("audit trail unavailable, nothing done: {e}"))
     }
 
+    /// The record of a key action by the user running the command.
+    fn event(
+        &self,
+        action: &str,
+        label: &str,
+        size: AesKeySize,
+        key: Option<&MasterKeyRef>,
+        outcome: &str,
+    ) -> AuditEvent {
+        let user = std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "unknown".into());
+        AuditEvent {
+            caller: Some(format!("cli:{user}")),
+            source: Some("cli".into()),
+            action: action.into(),
+            algorithm: Some(size.name().into()),
+            master_key_label: Some(label.into()),
+            master_key_version: key.map(|k| k.version),
+            kcv: key.map(|k| k.kcv.to_string()),
+            outcome: outcome.into(),
+            ..AuditEvent::default()
+        }
+    }
+
     /// Records the outcome of a key action and passes it on (as a one-line error on failure).
     /// A key made by an action whose record cannot be written is destroyed again.
     fn outcome<T: AuditedKey>(
@@ -374,23 +399,13 @@ impl CliAudit {
         result: Result<T, HsmError>,
         undo: impl FnOnce(&T) -> Result<(), HsmError>,
     ) -> Result<T, String> {
-        let user = std::env::var("SUDO_USER")
-            .or_else(|_| std::env::var("USER"))
-            .unwrap_or_else(|_| "unknown".into());
-        let event = AuditEvent {
-            caller: Some(format!("cli:{user}")),
-            source: Some("cli".into()),
-            action: action.into(),
-            algorithm: Some(size.name().into()),
-            master_key_label: Some(label.into()),
-            master_key_version: result.as_ref().ok().and_then(AuditedKey::version),
-            kcv: result.as_ref().ok().and_then(AuditedKey::kcv),
-            outcome: match &result {
-                Ok(_) => "done".into(),
-                Err(e) => format!("refused: {e}"),
-            },
-            ..AuditEvent::default()
+        let outcome = match &result {
+            Ok(_) => "done".to_owned(),
+            Err(e) => format!("refused: {e}"),
         };
+        let mut event = self.event(action, label, size, None, &outcome);
+        event.master_key_version = result.as_ref().ok().and_then(AuditedKey::version);
+        event.kcv = result.as_ref().ok().and_then(AuditedKey::kcv);
         if let Err(e) = self.0.write(|tx| tx.append_audit(&event)) {
             let undone = match &result {
                 Ok(made) => match undo(made) {
@@ -433,7 +448,7 @@ fn audit_command(command: AuditCommand) -> Result<(), String> {
     match command {
         AuditCommand::Verify(c) => {
             let config = load(&c.config)?;
-            let store = Store::open(&config.store.sqlite).map_err(|e| e.to_string())?;
+            let store = Store::open_existing(&config.store.sqlite).map_err(|e| e.to_string())?;
             let records = store
                 .read(|tx| tx.audit_records(None))
                 .map_err(|e| e.to_string())?;
@@ -450,7 +465,7 @@ fn audit_command(command: AuditCommand) -> Result<(), String> {
         }
         AuditCommand::Export { config, since } => {
             let config = load(&config.config)?;
-            let store = Store::open(&config.store.sqlite).map_err(|e| e.to_string())?;
+            let store = Store::open_existing(&config.store.sqlite).map_err(|e| e.to_string())?;
             let since = since.map(|s| normalize_since(&s)).transpose()?;
             let records = store
                 .read(|tx| tx.audit_records(since.as_deref()))
@@ -465,34 +480,88 @@ fn audit_command(command: AuditCommand) -> Result<(), String> {
     }
 }
 
-/// `--since` as stored times compare: `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+/// `--since` in the stored form (`YYYY-MM-DDTHH:MM:SS.mmmZ`, UTC), so that string order is
+/// time order: `YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM[:SS[.f…]]Z`.
 fn normalize_since(s: &str) -> Result<String, String> {
-    let b = s.as_bytes();
-    let digits =
-        |r: std::ops::Range<usize>| b.get(r).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
-    let date = b.len() >= 10
-        && digits(0..4)
-        && b[4] == b'-'
-        && digits(5..7)
-        && b[7] == b'-'
-        && digits(8..10);
-    if date && b.len() == 10 {
-        return Ok(s.to_owned());
+    let bad = || format!("--since {s:?}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS[.fff]Z (UTC)");
+    let num = |t: &str, max: u32| -> Result<u32, String> {
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        t.parse::<u32>().ok().filter(|v| *v <= max).ok_or_else(bad)
+    };
+    let (date, time) = s.split_once('T').unwrap_or((s, ""));
+    let parts: Vec<&str> = date.split('-').collect();
+    let [y, m, d] = parts.as_slice() else {
+        return Err(bad());
+    };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return Err(bad());
     }
-    let time = b.len() >= 20
-        && b[10] == b'T'
-        && digits(11..13)
-        && b[13] == b':'
-        && digits(14..16)
-        && b[16] == b':'
-        && digits(17..19)
-        && s.ends_with('Z');
-    match (date, time, b.len()) {
-        (true, true, 20) => Ok(format!("{}.000Z", &s[..19])),
-        (true, true, _) => Ok(s.to_owned()),
-        _ => Err(format!(
-            "--since {s:?}: use YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS[.fff]Z (UTC)"
-        )),
+    let (y, m, d) = (num(y, 9999)?, num(m, 12)?, num(d, 31)?);
+    if m == 0 || d == 0 {
+        return Err(bad());
+    }
+    if time.is_empty() {
+        return if s.contains('T') {
+            Err(bad())
+        } else {
+            Ok(format!("{y:04}-{m:02}-{d:02}"))
+        };
+    }
+    let time = time.strip_suffix('Z').ok_or_else(bad)?;
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let fields: Vec<&str> = hms.split(':').collect();
+    let (h, mi, sec) = match fields.as_slice() {
+        [h, mi] => (*h, *mi, "00"),
+        [h, mi, sec] => (*h, *mi, *sec),
+        _ => return Err(bad()),
+    };
+    if h.len() != 2 || mi.len() != 2 || sec.len() != 2 {
+        return Err(bad());
+    }
+    let (h, mi, sec) = (num(h, 23)?, num(mi, 59)?, num(sec, 60)?);
+    if !frac.is_empty() {
+        num(frac, u32::MAX)?;
+    }
+    let millis: String = frac.chars().chain("000".chars()).take(3).collect();
+    Ok(format!(
+        "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{sec:02}.{millis}Z"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_since;
+
+    #[test]
+    fn since_is_normalized_or_refused() {
+        assert_eq!(normalize_since("2026-12-03").unwrap(), "2026-12-03");
+        assert_eq!(
+            normalize_since("2026-12-03T17:51:28Z").unwrap(),
+            "2026-12-03T17:51:28.000Z"
+        );
+        assert_eq!(
+            normalize_since("2026-12-03T17:51:28.6Z").unwrap(),
+            "2026-12-03T17:51:28.600Z"
+        );
+        assert_eq!(
+            normalize_since("2026-12-03T17:51:28.64Z").unwrap(),
+            "2026-12-03T17:51:28.640Z"
+        );
+        assert_eq!(
+            normalize_since("2026-12-03T17:51Z").unwrap(),
+            "2026-12-03T17:51:00.000Z"
+        );
+        for bad in [
+            "2026-99-99",
+            "2026-12-03T99:99:99Z",
+            "2026-12-03T17:51:28xxxxZ",
+            "2026-12-03T",
+            "yesterday",
+        ] {
+            assert!(normalize_since(bad).is_err(), "{bad}");
+        }
     }
 }
 
@@ -635,22 +704,40 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             let config = load(&config.config)?;
             let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
+            let versions = hsm.master_key_versions(&label).map_err(|e| e.to_string())?;
             let key = hsm
                 .master_key_version(&label, version)
                 .map_err(|e| e.to_string())?;
-            let retire = audit
+            let retired = audit
                 .0
-                .write(|tx| tx.retire_version(&label, version))
-                .map_err(|e| HsmError::Other(e.to_string()));
-            audit.outcome(
-                "master_key.retire",
-                &label,
-                key.size,
-                retire.map(|()| key),
-                |_| Ok(()),
-            )?;
+                .read(|tx| tx.retired_versions(&label))
+                .map_err(|e| e.to_string())?;
+            let in_service = versions
+                .iter()
+                .filter(|v| v.version != version && !retired.contains(&v.version))
+                .count();
+            if in_service == 0 {
+                audit.outcome::<()>(
+                    "master_key.retire",
+                    &label,
+                    key.size,
+                    Err(HsmError::Refused(format!(
+                        "version {version} is the last version of {label:?} in service; rotate first"
+                    ))),
+                    |_| Ok(()),
+                )?;
+            }
+            // The retirement and its record commit together, or neither does.
+            let event = audit.event("master_key.retire", &label, key.size, Some(&key), "done");
+            audit
+                .0
+                .write(|tx| {
+                    tx.retire_version(&label, version)?;
+                    tx.append_audit(&event)
+                })
+                .map_err(|e| format!("master_key.retire: nothing retired: {e}"))?;
             println!(
-                "retired label={label} version={version}: issued cards keep it, new cards do not get it"
+                "retired label={label} version={version}: issued cards keep it, new cards do not get it (restart divkey)"
             );
             let _ = hsm.close();
         }
@@ -662,20 +749,38 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             let config = load(&config.config)?;
             let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
+            let newest = hsm.master_key(&label).map_err(|e| e.to_string())?;
             let key = hsm
                 .master_key_version(&label, version)
                 .map_err(|e| e.to_string())?;
-            let cards = audit
+            let (cards, retired) = audit
                 .0
-                .read(|tx| tx.cards_using(&label, version))
+                .read(|tx| {
+                    Ok::<_, StoreError>((
+                        tx.cards_using(&label, version)?,
+                        tx.retired_versions(&label)?,
+                    ))
+                })
                 .map_err(|e| e.to_string())?;
             let size = key.size;
-            let result = if cards > 0 {
-                Err(HsmError::Refused(format!(
+            let refusal = if cards > 0 {
+                Some(format!(
                     "{cards} card(s) were issued under {label:?} version {version}; deleting it would lock them out"
-                )))
+                ))
+            } else if version == newest.version {
+                Some(format!(
+                    "version {version} is the newest of {label:?}; keeping it keeps version numbers from being reused"
+                ))
+            } else if !retired.contains(&version) {
+                Some(format!(
+                    "version {version} of {label:?} is in service; retire it and restart divkey first"
+                ))
             } else {
-                hsm.destroy_master_key(&key).map(|()| key)
+                None
+            };
+            let result = match refusal {
+                Some(why) => Err(HsmError::Refused(why)),
+                None => hsm.destroy_master_key(&key).map(|()| key),
             };
             audit.outcome("master_key.delete", &label, size, result, |_| Ok(()))?;
             println!("deleted label={label} version={version}");

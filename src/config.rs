@@ -359,10 +359,10 @@ impl Config {
             _ => Ok(()),
         }?;
         if let Some(r) = &self.rate_limit
-            && (!(r.per_second > 0.0 && r.per_second.is_finite()) || r.burst == 0)
+            && (!(0.001..=1_000_000.0).contains(&r.per_second) || r.burst == 0)
         {
             return Err(invalid(
-                "[rate_limit] per_second must be positive and burst at least 1",
+                "[rate_limit] per_second must be 0.001 to 1000000 and burst at least 1",
             ));
         }
         Ok(())

@@ -67,8 +67,23 @@ impl Caller {
 #[derive(Clone, Debug)]
 pub struct ClientCertificate {
     pub sha256: [u8; 32],
+    /// The subject in canonical form (see [`canonical_dn`]); empty if unreadable.
     pub subject: String,
+    /// Subject alternative names as `dns:…`, `email:…` or `uri:…`, lower case.
     pub sans: Vec<String>,
+}
+
+/// RFC 4514 special characters, escaped in canonical values so that a value holding
+/// ", O=…" can never pass for another attribute.
+fn escape_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.trim().chars() {
+        if matches!(c, '\\' | ',' | '+' | '"' | '<' | '>' | ';' | '=') {
+            out.push('\\');
+        }
+        out.extend(c.to_lowercase());
+    }
+    out
 }
 
 impl ClientCertificate {
@@ -78,6 +93,27 @@ impl ClientCertificate {
         let sha256 = Sha256::digest(der).into();
         let (subject, sans) = match x509_parser::parse_x509_certificate(der) {
             Ok((_, cert)) => {
+                let registry = x509_parser::objects::oid_registry();
+                let rdns: Option<Vec<String>> = cert
+                    .subject()
+                    .iter_rdn()
+                    .map(|rdn| {
+                        let attrs: Option<Vec<String>> = rdn
+                            .iter()
+                            .map(|attr| {
+                                let kind =
+                                    x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                                        .map_or_else(
+                                            |_| attr.attr_type().to_id_string(),
+                                            str::to_owned,
+                                        );
+                                let value = attr.as_str().ok()?;
+                                Some(format!("{}={}", kind.to_lowercase(), escape_value(value)))
+                            })
+                            .collect();
+                        attrs.map(|a| a.join("+"))
+                    })
+                    .collect();
                 let sans = cert
                     .subject_alternative_name()
                     .ok()
@@ -87,15 +123,19 @@ impl ClientCertificate {
                             .general_names
                             .iter()
                             .filter_map(|n| match n {
-                                GeneralName::DNSName(s)
-                                | GeneralName::RFC822Name(s)
-                                | GeneralName::URI(s) => Some((*s).to_owned()),
+                                GeneralName::DNSName(s) => {
+                                    Some(format!("dns:{}", s.to_lowercase()))
+                                }
+                                GeneralName::RFC822Name(s) => {
+                                    Some(format!("email:{}", s.to_lowercase()))
+                                }
+                                GeneralName::URI(s) => Some(format!("uri:{}", s.to_lowercase())),
                                 _ => None,
                             })
                             .collect()
                     })
                     .unwrap_or_default();
-                (cert.subject().to_string(), sans)
+                (rdns.map(|r| r.join(",")).unwrap_or_default(), sans)
             }
             Err(_) => (String::new(), Vec::new()),
         };
@@ -107,17 +147,67 @@ impl ClientCertificate {
     }
 }
 
-/// "CN=a, O=b" and "cn=a,o=b" compare equal.
-fn normalize_dn(dn: &str) -> String {
-    dn.split(',')
-        .map(|part| {
-            part.split_once('=').map_or_else(
-                || part.trim().to_lowercase(),
-                |(k, v)| format!("{}={}", k.trim().to_lowercase(), v.trim().to_lowercase()),
-            )
+/// Splits on `sep` where it is not escaped; escapes are kept for [`unescape`].
+fn split_unescaped(s: &str, sep: char) -> Vec<String> {
+    let (mut parts, mut cur, mut escaped) = (Vec::new(), String::new(), false);
+    for c in s.chars() {
+        if escaped {
+            cur.push('\\');
+            cur.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == sep {
+            parts.push(std::mem::take(&mut cur));
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+}
+
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.extend(chars.next()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A configured subject ("CN=agent, O=Example", RFC 4514 escapes honoured) in the canonical
+/// form certificates are compared in: attribute types and values lower case, RDNs in the
+/// order written (the certificate's encoding order), special characters in values escaped.
+pub fn canonical_dn(dn: &str) -> Option<String> {
+    let rdns: Option<Vec<String>> = split_unescaped(dn, ',')
+        .iter()
+        .map(|rdn| {
+            let attrs: Option<Vec<String>> = split_unescaped(rdn, '+')
+                .iter()
+                .map(|attr| {
+                    let (kind, value) = attr.split_once('=')?;
+                    let kind = unescape(kind).trim().to_lowercase();
+                    (!kind.is_empty()).then(|| format!("{kind}={}", escape_value(&unescape(value))))
+                })
+                .collect();
+            attrs.map(|a| a.join("+"))
         })
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect();
+    rdns.map(|r| r.join(","))
+}
+
+/// A configured SAN as certificates are compared: `dns:`, `email:` or `uri:`; bare = DNS.
+fn typed_san(san: &str) -> String {
+    let san = san.trim().to_lowercase();
+    if san.starts_with("dns:") || san.starts_with("email:") || san.starts_with("uri:") {
+        san
+    } else {
+        format!("dns:{san}")
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -130,6 +220,8 @@ pub enum AuthError {
     UnknownCertificate,
     #[error("the certificate and the token name different callers")]
     Mismatch,
+    #[error("client certificate claimed by several callers")]
+    AmbiguousCertificate,
 }
 
 struct Credential {
@@ -141,18 +233,21 @@ struct Credential {
 }
 
 impl Credential {
-    fn matches_cert(&self, cert: &ClientCertificate) -> bool {
-        let by_hash = self
-            .cert_sha256
-            .is_some_and(|h| bool::from(h.ct_eq(&cert.sha256)));
-        let by_subject = self.cert_subject.as_ref().is_some_and(|s| {
-            !cert.subject.is_empty() && normalize_dn(s) == normalize_dn(&cert.subject)
-        });
+    fn matches_fingerprint(&self, cert: &ClientCertificate) -> bool {
+        self.cert_sha256
+            .is_some_and(|h| bool::from(h.ct_eq(&cert.sha256)))
+    }
+
+    fn matches_name(&self, cert: &ClientCertificate) -> bool {
+        let by_subject = self
+            .cert_subject
+            .as_ref()
+            .is_some_and(|s| !cert.subject.is_empty() && *s == cert.subject);
         let by_san = self
             .cert_san
             .as_ref()
-            .is_some_and(|s| cert.sans.iter().any(|n| n.eq_ignore_ascii_case(s)));
-        by_hash || by_subject || by_san
+            .is_some_and(|s| cert.sans.contains(s));
+        by_subject || by_san
     }
 }
 
@@ -176,8 +271,8 @@ impl Policy {
             .map(|c| Credential {
                 token_sha256: hash(&c.token_sha256),
                 cert_sha256: hash(&c.cert_sha256),
-                cert_subject: c.cert_subject.clone(),
-                cert_san: c.cert_san.clone(),
+                cert_subject: c.cert_subject.as_deref().and_then(canonical_dn),
+                cert_san: c.cert_san.as_deref().map(typed_san),
                 caller: Caller {
                     name: c.name.clone(),
                     uuid: Uuid::new_v5(&CALLER_NAMESPACE, c.name.as_bytes()),
@@ -208,6 +303,24 @@ impl Policy {
         found
     }
 
+    /// A pinned fingerprint wins; otherwise exactly one caller may claim the certificate by
+    /// subject or SAN, and several claims are refused as ambiguous.
+    fn caller_of_certificate(&self, cert: &ClientCertificate) -> Result<&Caller, AuthError> {
+        if let Some(cred) = self
+            .credentials
+            .iter()
+            .find(|c| c.matches_fingerprint(cert))
+        {
+            return Ok(&cred.caller);
+        }
+        let mut named = self.credentials.iter().filter(|c| c.matches_name(cert));
+        match (named.next(), named.next()) {
+            (Some(one), None) => Ok(&one.caller),
+            (Some(_), Some(_)) => Err(AuthError::AmbiguousCertificate),
+            (None, _) => Err(AuthError::UnknownCertificate),
+        }
+    }
+
     /// The caller behind the presented credentials. Every credential presented must be known,
     /// and when both a certificate and a token are presented they must name the same caller.
     pub fn authenticate(
@@ -218,15 +331,7 @@ impl Policy {
         let by_token = token
             .map(|t| self.authenticate_token(t).ok_or(AuthError::UnknownToken))
             .transpose()?;
-        let by_cert = cert
-            .map(|c| {
-                self.credentials
-                    .iter()
-                    .find(|cred| cred.matches_cert(c))
-                    .map(|cred| &cred.caller)
-                    .ok_or(AuthError::UnknownCertificate)
-            })
-            .transpose()?;
+        let by_cert = cert.map(|c| self.caller_of_certificate(c)).transpose()?;
         match (by_token, by_cert) {
             (Some(t), Some(c)) if t.name != c.name => Err(AuthError::Mismatch),
             (Some(caller), _) | (None, Some(caller)) => Ok(caller),
@@ -238,4 +343,37 @@ impl Policy {
 /// SHA-256 of a token, as hex: what the config stores.
 pub fn token_hash_hex(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_compare_canonically_and_escapes_keep_values_apart() {
+        assert_eq!(
+            canonical_dn("CN=Agent, O=Example").unwrap(),
+            "cn=agent,o=example"
+        );
+        assert_eq!(
+            canonical_dn("cn = agent ,o=Example").unwrap(),
+            "cn=agent,o=example"
+        );
+        // A CN holding ", O=Example" stays one value and cannot pass for two attributes.
+        assert_eq!(escape_value("agent2, O=Example"), r"agent2\, o\=example");
+        assert_eq!(
+            canonical_dn(r"CN=agent2\, O\=Example").unwrap(),
+            r"cn=agent2\, o\=example"
+        );
+        assert_ne!(
+            canonical_dn("CN=agent2, O=Example").unwrap(),
+            r"cn=agent2\, o\=example"
+        );
+    }
+
+    #[test]
+    fn sans_are_typed() {
+        assert_eq!(typed_san("Agent.Example"), "dns:agent.example");
+        assert_eq!(typed_san("email:a@b"), "email:a@b");
+    }
 }

@@ -530,6 +530,21 @@ impl Service {
             }
             _ => None,
         };
+        if let (Some(b), Some(master)) = (
+            &binding,
+            binding
+                .as_ref()
+                .and_then(|b| self.masters.version(&b.master_key_label, b.version)),
+        ) {
+            // The version a card is pinned to must exist and be the same key right now.
+            let kcv = self.pool.master_key_kcv(master).await?;
+            if kcv != master.kcv {
+                return Err(ServiceError::Internal(format!(
+                    "master key {:?} version {} changed on the token; restart divkey",
+                    b.master_key_label, b.version
+                )));
+            }
+        }
         let template_id = template.uuid;
         let mut event = ctx.event("card.bind");
         event.request = Some(request_id);
@@ -958,11 +973,22 @@ impl Service {
                     "the smart card is not bound to this request",
                 ));
             }
-            // Leaving Retired takes a new request that binds the card again.
-            if card.status == SmartcardStatus::Retired && status != SmartcardStatus::Retired {
-                return Err(ServiceError::Conflict(
-                    "the card is Retired; a new enrollment request must bind it again".into(),
-                ));
+            // Leaving Retired takes a new request that binds the card again; only a disabled
+            // or suspended card is made Active here (a bound card becomes Active when its
+            // request completes).
+            let allowed = match status {
+                SmartcardStatus::Active => matches!(
+                    card.status,
+                    SmartcardStatus::Active | SmartcardStatus::Disabled | SmartcardStatus::Suspended
+                ),
+                _ => card.status != SmartcardStatus::Retired || status == SmartcardStatus::Retired,
+            };
+            if !allowed {
+                return Err(ServiceError::Conflict(format!(
+                    "a card whose status is {} cannot be set {} here",
+                    card.status.name(),
+                    status.name()
+                )));
             }
             event.card_id = Some(card.card_id.to_string());
             tx.set_card_status(&card.uuid, status)?;

@@ -539,6 +539,12 @@ impl Store {
     /// Opens (or creates) the database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut conn = Connection::open(path)?;
+        // Requests, cards and the audit trail are for divkey's user only.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+        }
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -577,6 +583,18 @@ impl Store {
         f: impl FnOnce(&Tx) -> Result<T, E>,
     ) -> Result<T, E> {
         self.run(TransactionBehavior::Immediate, f)
+    }
+
+    /// Opens a database that must already exist (for reading the audit trail: a mistyped
+    /// path must not verify as an empty, intact trail).
+    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Corrupt(format!(
+                "no database at {}",
+                path.display()
+            )));
+        }
+        Self::open(path)
     }
 
     /// Whether the database answers (for readiness).

@@ -31,6 +31,21 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 pub fn server_config(config: &TlsConfig) -> Result<rustls::ServerConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certs(&config.cert)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&config.key)
+            .map_err(|e| format!("TLS: cannot read {}: {e}", config.key.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "TLS: {} has mode {:o}; the private key must deny group and other (chmod 600)",
+                config.key.display(),
+                mode & 0o777
+            ));
+        }
+    }
     // The key file's content never reaches an error message.
     let key = PrivateKeyDer::from_pem_file(&config.key)
         .map_err(|_| format!("TLS: no usable private key in {}", config.key.display()))?;

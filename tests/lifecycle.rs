@@ -555,18 +555,30 @@ fn rotation_retirement_and_deletion_never_break_issued_cards() {
     assert_eq!(code, 0, "rotate: {out}{err}");
     assert!(out.contains("version=4"), "{out}");
     assert_eq!(env.listed_versions("admin-master"), [1, 2, 3, 4]);
-    let (code, out, err) = env.cli(&[
-        "keys",
-        "delete",
-        "--config",
-        env.cfg(),
-        "--label",
-        "admin-master",
-        "--version",
-        "4",
-    ]);
-    assert_eq!(code, 0, "delete unused version 4: {out}{err}");
-    assert_eq!(env.listed_versions("admin-master"), [1, 2, 3]);
+    let keys = |args: &[&str]| {
+        let mut all = vec!["keys"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--config", env.cfg(), "--label", "admin-master"]);
+        env.cli(&all)
+    };
+    // The newest version is never deleted (its number would be reused), and a version in
+    // service must be retired first.
+    let (code, out, err) = keys(&["delete", "--version", "4"]);
+    assert_ne!(code, 0, "delete newest version 4: {out}{err}");
+    assert!(err.contains("newest"), "{err}");
+    let (code, out, err) = keys(&["rotate"]);
+    assert_eq!(code, 0, "rotate: {out}{err}");
+    assert!(out.contains("version=5"), "{out}");
+    let (code, out, err) = keys(&["delete", "--version", "4"]);
+    assert_ne!(code, 0, "delete version 4 in service: {out}{err}");
+    assert!(err.contains("retire"), "{err}");
+    for v in ["4", "5"] {
+        let (code, out, err) = keys(&["retire", "--version", v]);
+        assert_eq!(code, 0, "retire {v}: {out}{err}");
+    }
+    let (code, out, err) = keys(&["delete", "--version", "4"]);
+    assert_eq!(code, 0, "delete unused retired version 4: {out}{err}");
+    assert_eq!(env.listed_versions("admin-master"), [1, 2, 3, 5]);
     let (code, out, err) = env.cli(&["check", "--config", env.cfg()]);
     assert_eq!(code, 0, "check: {out}{err}");
 

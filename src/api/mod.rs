@@ -524,6 +524,7 @@ async fn handle(
             json(StatusCode::OK, &list)
         }
         Route::DiversifiedKey(reqid, scid) => {
+            const ACTION: &str = "key.release";
             let reqid = guid("request id", &reqid)?;
             let scid = guid("smart card id", &scid)?;
             let card = card_id(query.get("cardid")?)?;
@@ -533,7 +534,7 @@ async fn handle(
                 .as_ref()
                 .and_then(|l| l.take(&caller.name).err())
             {
-                return Err(rate_limited(service, &ctx, reqid, scid, card, wait).await);
+                return Err(rate_limited(service, &ctx, ACTION, reqid, scid, card, wait).await);
             }
             match service.release_key(&ctx, reqid, scid, card).await? {
                 KeyRelease::NotDiversified => {
@@ -568,6 +569,7 @@ async fn handle(
             }
         }
         Route::AuthenticationResponse(reqid, scid) => {
+            const ACTION: &str = "key.authenticate";
             let reqid = guid("request id", &reqid)?;
             let scid = guid("smart card id", &scid)?;
             let card = card_id(query.get("cardid")?)?;
@@ -598,7 +600,7 @@ async fn handle(
                 .as_ref()
                 .and_then(|l| l.take(&caller.name).err())
             {
-                return Err(rate_limited(service, &ctx, reqid, scid, card, wait).await);
+                return Err(rate_limited(service, &ctx, ACTION, reqid, scid, card, wait).await);
             }
             let response = service
                 .authentication_response(&ctx, reqid, scid, card, challenge, diversified)
@@ -626,6 +628,7 @@ async fn handle(
 async fn rate_limited(
     service: &Service,
     ctx: &CallContext<'_>,
+    action: &str,
     request: Uuid,
     smartcard: Uuid,
     card: CardId,
@@ -635,7 +638,7 @@ async fn rate_limited(
         caller: Some(ctx.caller.name.clone()),
         source: ctx.source.clone(),
         correlation_id: Some(ctx.correlation_id.clone()),
-        action: "key.release".into(),
+        action: action.into(),
         request: Some(request),
         smartcard: Some(smartcard),
         card_id: Some(card.to_string()),
