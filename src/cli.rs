@@ -530,41 +530,6 @@ fn normalize_since(s: &str) -> Result<String, String> {
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::normalize_since;
-
-    #[test]
-    fn since_is_normalized_or_refused() {
-        assert_eq!(normalize_since("2026-12-03").unwrap(), "2026-12-03");
-        assert_eq!(
-            normalize_since("2026-12-03T17:51:28Z").unwrap(),
-            "2026-12-03T17:51:28.000Z"
-        );
-        assert_eq!(
-            normalize_since("2026-12-03T17:51:28.6Z").unwrap(),
-            "2026-12-03T17:51:28.600Z"
-        );
-        assert_eq!(
-            normalize_since("2026-12-03T17:51:28.64Z").unwrap(),
-            "2026-12-03T17:51:28.640Z"
-        );
-        assert_eq!(
-            normalize_since("2026-12-03T17:51Z").unwrap(),
-            "2026-12-03T17:51:00.000Z"
-        );
-        for bad in [
-            "2026-99-99",
-            "2026-12-03T99:99:99Z",
-            "2026-12-03T17:51:28xxxxZ",
-            "2026-12-03T",
-            "yesterday",
-        ] {
-            assert!(normalize_since(bad).is_err(), "{bad}");
-        }
-    }
-}
-
 fn keys(command: KeysCommand) -> Result<(), String> {
     match command {
         KeysCommand::Generate {
@@ -823,4 +788,39 @@ fn token_hash() -> Result<(), String> {
     }
     println!("{}", crate::policy::token_hash_hex(token));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_since;
+
+    #[test]
+    fn since_is_normalized_or_refused() {
+        assert_eq!(normalize_since("2026-12-03").unwrap(), "2026-12-03");
+        assert_eq!(
+            normalize_since("2026-12-03T17:51:28Z").unwrap(),
+            "2026-12-03T17:51:28.000Z"
+        );
+        assert_eq!(
+            normalize_since("2026-12-03T17:51:28.6Z").unwrap(),
+            "2026-12-03T17:51:28.600Z"
+        );
+        assert_eq!(
+            normalize_since("2026-12-03T17:51:28.64Z").unwrap(),
+            "2026-12-03T17:51:28.640Z"
+        );
+        assert_eq!(
+            normalize_since("2026-12-03T17:51Z").unwrap(),
+            "2026-12-03T17:51:00.000Z"
+        );
+        for bad in [
+            "2026-99-99",
+            "2026-12-03T99:99:99Z",
+            "2026-12-03T17:51:28xxxxZ",
+            "2026-12-03T",
+            "yesterday",
+        ] {
+            assert!(normalize_since(bad).is_err(), "{bad}");
+        }
+    }
 }
