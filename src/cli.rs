@@ -354,6 +354,17 @@ fn serve(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// One line per key action: what happened, label, type, version and KCV.
+fn print_key(what: &str, key: &MasterKeyRef) {
+    println!(
+        "{what} label={} type={} version={} kcv={}",
+        key.label,
+        key.size.name(),
+        key.version,
+        key.kcv
+    );
+}
+
 /// Audit records of key-management commands, in the service's store.
 struct CliAudit(Store);
 
@@ -549,13 +560,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 hsm.generate_master_key(&label, size),
                 |k| hsm.destroy_master_key(k),
             )?;
-            println!(
-                "generated label={} type={} version={} kcv={}",
-                key.label,
-                key.size.name(),
-                key.version,
-                key.kcv
-            );
+            print_key("generated", &key);
             let _ = hsm.close();
         }
         KeysCommand::Import {
@@ -631,13 +636,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 hsm.import_master_key_version(&label, prepared, new_version),
                 |k| hsm.destroy_master_key(k),
             )?;
-            println!(
-                "imported label={} type={} version={} kcv={}",
-                key.label,
-                key.size.name(),
-                key.version,
-                key.kcv
-            );
+            print_key("imported", &key);
             let _ = hsm.close();
         }
         KeysCommand::Rotate { config, label } => {
@@ -652,13 +651,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 hsm.rotate_master_key(&label),
                 |k| hsm.destroy_master_key(k),
             )?;
-            println!(
-                "rotated label={} type={} version={} kcv={}",
-                key.label,
-                key.size.name(),
-                key.version,
-                key.kcv
-            );
+            print_key("rotated", &key);
             let _ = hsm.close();
         }
         KeysCommand::Retire {
