@@ -754,7 +754,6 @@ impl Service {
                     Zeroizing::new(hex::decode(&template.default_admin_key_hex).map_err(|_| {
                         ServiceError::Internal("default_admin_key_hex is not hex".into())
                     })?);
-                event.kcv = None;
                 event.algorithm = Some("default-key".into());
                 AdminKey::new(template.key_type, bytes)
             };
