@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 
 /// The master key imported into the token (the AES-256 key of NIST SP 800-38B).
 const MASTER_HEX: &str = "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4";
-const DEFAULT_LABEL: &str = "divkey admin key";
 const AES_LABEL: &str = "divkey api test label";
 const SYSTEM_ID: &str = "0011223344556677";
 const DES3_DEFAULT: &str = "0102030405060708a1a2a3a4a5a6a7a8b1b2b3b4b5b6b7b8";
@@ -167,12 +166,7 @@ fn master() -> Vec<u8> {
 }
 
 fn want_des3(card: &str) -> Vec<u8> {
-    soft_sp800_108(
-        &master(),
-        DEFAULT_LABEL,
-        "des3",
-        &card_id_bytes(card, "windows"),
-    )
+    soft_admin_des3(MASTER_HEX, card)
 }
 
 fn want_an10922(card: &str) -> Vec<u8> {
@@ -188,14 +182,6 @@ fn want_aes(card: &str) -> Vec<u8> {
         "aes128",
         &card_id_bytes(card, "rfc4122"),
     )
-}
-
-fn new_card() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -323,66 +309,6 @@ impl Env {
     fn key_for(&self, reqid: &str, scid: &str, card: &str) -> Vec<u8> {
         key_bytes(&self.key(AGENT, reqid, scid, &format!("cardid={card}")))
     }
-}
-
-fn to_resp(r: ureq::Response) -> Resp {
-    let status = r.status();
-    let headers = r
-        .headers_names()
-        .into_iter()
-        .map(|n| {
-            let v = r.header(&n).unwrap_or("").to_owned();
-            (n, v)
-        })
-        .collect();
-    let body = r.into_string().unwrap_or_default();
-    Resp {
-        status,
-        body,
-        headers,
-    }
-}
-
-/// A 200 key response: checks the headers and the body's form, returns the key bytes.
-fn key_bytes(r: &Resp) -> Vec<u8> {
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.header("cache-control"), Some("no-store"));
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{:?}",
-        r.header("content-type")
-    );
-    let s: String = serde_json::from_str(&r.body).expect("the body is a JSON string");
-    base64::engine::general_purpose::STANDARD
-        .decode(&s)
-        .unwrap_or_else(|e| panic!("{s:?} is not standard base64 with padding: {e}"))
-}
-
-/// An error response: status, JSON body with the three fields, correlation id echoed.
-/// Returns the ErrorCode.
-fn error_code(r: &Resp, status: u16) -> String {
-    assert_eq!(r.status, status, "{}", r.body);
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{:?}",
-        r.header("content-type")
-    );
-    let v = r.json();
-    let message = v["Message"].as_str().expect("Message");
-    assert!(!message.is_empty());
-    let code = v["ErrorCode"].as_str().expect("ErrorCode");
-    assert!(!code.is_empty());
-    let cid = v["CorrelationId"].as_str().expect("CorrelationId");
-    assert!(!cid.is_empty());
-    assert_eq!(r.header("x-correlation-id"), Some(cid));
-    assert_eq!(v.as_object().unwrap().len(), 3, "{}", r.body);
-    code.to_owned()
-}
-
-fn has_odd_parity(key: &[u8]) -> bool {
-    key.iter().all(|b| b.count_ones() % 2 == 1)
 }
 
 fn uuids(v: &Value) -> HashSet<String> {

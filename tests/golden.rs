@@ -13,10 +13,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
-use divkey::config::HsmConfig;
 use divkey::diversify::{AdminKeyType, AesKeySize, CardIdLayout, Derivation};
 use divkey::domain::CardId;
-use divkey::hsm::{Hsm, MasterKeyRef};
+use divkey::hsm::MasterKeyRef;
 use serde_json::Value;
 
 const TABLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/derivations.json");
@@ -217,20 +216,6 @@ fn ceremony_import(token: &TestToken, config: &str, label: &str, version: u32, k
             "key material in the output of keys import"
         );
     }
-}
-
-fn open_hsm(token: &TestToken) -> Hsm {
-    // One process-wide PKCS#11 context for this test binary, which holds one test.
-    // SAFETY: set before any PKCS#11 call of this process, while no other thread reads the
-    // environment (the CLI children have finished).
-    unsafe { std::env::set_var("SOFTHSM2_CONF", &token.conf) };
-    let cfg: HsmConfig = toml::from_str(&format!(
-        "module = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{}\"\npin_file = \"{}\"",
-        token.label,
-        token.pin_file.display()
-    ))
-    .unwrap();
-    Hsm::open(&cfg).expect("open HSM")
 }
 
 /// The table as committed: pinned, and (where Python `cryptography` is present) reproduced

@@ -20,7 +20,6 @@ const K1_HEX: &str = "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a309
 /// K2: another AES-256 key, put on a token under the same label in place of K1.
 const K2_HEX: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 const MASTER_LABEL: &str = "admin-master";
-const DEFAULT_LABEL: &str = "divkey admin key";
 const DES3_DEFAULT: &str = "0102030405060708a1a2a3a4a5a6a7a8b1b2b3b4b5b6b7b8";
 
 /// sp800-108-cmac, des3, windows card ID bytes, no approval.
@@ -54,26 +53,8 @@ permissions = {{ "{T_OPEN}" = ["request", "approve", "bind", "read_key"] }}
     )
 }
 
-/// The admin key of `card` under master key `master_hex`, from the software implementation.
-fn want_des3(master_hex: &str, card: &str) -> Vec<u8> {
-    soft_sp800_108(
-        &hex::decode(master_hex).unwrap(),
-        DEFAULT_LABEL,
-        "des3",
-        &card_id_bytes(card, "windows"),
-    )
-}
-
 fn kcv_of(master_hex: &str) -> String {
     soft_kcv(&hex::decode(master_hex).unwrap(), false)
-}
-
-fn new_card() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// Writes the standard config (templates and callers of [`rest`]) for `token`.
@@ -81,16 +62,6 @@ fn write_config(token: &TestToken) -> PathBuf {
     let config = token.path().join("divkey.toml");
     std::fs::write(&config, config_text(token, "127.0.0.1:0", &rest())).unwrap();
     config
-}
-
-/// A 200 key response: the key bytes.
-fn key_bytes(r: &Resp) -> Vec<u8> {
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.header("cache-control"), Some("no-store"));
-    let s: String = serde_json::from_str(&r.body).expect("the body is a JSON string");
-    base64::engine::general_purpose::STANDARD
-        .decode(&s)
-        .unwrap_or_else(|e| panic!("{s:?} is not base64: {e}"))
 }
 
 /// An error body with the three fields; returns the ErrorCode.
@@ -116,36 +87,6 @@ fn error_body_code(status: u16, want: u16, body: &str) -> String {
         .to_owned()
 }
 
-fn error_code(r: &Resp, status: u16) -> String {
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{:?}: {}",
-        r.header("content-type"),
-        r.body
-    );
-    error_body_code(r.status, status, &r.body)
-}
-
-/// The output holds exactly one non-empty line, `divkey: error: ...`, naming every needle.
-fn assert_one_error_line(what: &str, output: &str, needles: &[&str]) {
-    assert!(!output.contains("panicked"), "{what}: panicked:\n{output}");
-    let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{what}: expected one line, got:\n{output}");
-    assert!(
-        lines[0].starts_with("divkey: error:"),
-        "{what}: not a \"divkey: error:\" line: {}",
-        lines[0]
-    );
-    for n in needles {
-        assert!(
-            lines[0].contains(n),
-            "{what}: {n:?} not named in: {}",
-            lines[0]
-        );
-    }
-}
-
 /// `divkey check` refuses: exit code 1, nothing on stdout that says ok, one error line.
 fn assert_check_refuses(token: &TestToken, config: &Path, needles: &[&str]) {
     let (code, out, err) = run_divkey(token, &["check", "--config", p(config)]);
@@ -153,24 +94,6 @@ fn assert_check_refuses(token: &TestToken, config: &Path, needles: &[&str]) {
     assert_eq!(code, 1, "{what}: exit code {code}:\n{out}{err}");
     assert!(!out.contains("ok"), "{what} printed ok:\n{out}");
     assert_one_error_line(&what, &err, needles);
-}
-
-/// `divkey serve` exits (does not hang, does not listen) with one error line.
-fn assert_serve_refuses(token: &TestToken, config: &Path, needles: &[&str]) {
-    let what = format!("serve {}", config.display());
-    let log = match Server::try_start(token, config) {
-        Ok(server) => panic!("{what} started:\n{}", server.stop()),
-        Err(log) => log,
-    };
-    assert!(!log.starts_with("timeout"), "{what} hung:\n{log}");
-    assert_one_error_line(&what, &log, needles);
-}
-
-fn assert_check_ok(token: &TestToken, config: &Path) -> String {
-    let (code, out, err) = run_divkey(token, &["check", "--config", p(config)]);
-    assert_eq!(code, 0, "check failed:\n{out}{err}");
-    assert!(out.contains("ok"), "check did not print ok:\n{out}");
-    out
 }
 
 /// Copies the SQLite database `src` (with its -wal and -shm files, when present) to `dst`,
@@ -411,7 +334,7 @@ fn master_key_replaced_under_the_same_label_is_refused() {
     let card = new_card();
     let (enroll, scid) = env.enroll(&card);
     let key = env.key_for(&enroll, &scid, &card);
-    assert_eq!(key, want_des3(K1_HEX, &card));
+    assert_eq!(key, soft_admin_des3(K1_HEX, &card));
     env.finish(&enroll, "Completed", 8);
     assert_eq!(env.card_status(&scid), 3);
     let (_, token_a) = env.stop();
@@ -479,7 +402,10 @@ fn pinned_kcv_mismatch_is_refused_on_release() {
     let env = Env::start();
     let card = new_card();
     let (enroll, scid) = env.enroll(&card);
-    assert_eq!(env.key_for(&enroll, &scid, &card), want_des3(K1_HEX, &card));
+    assert_eq!(
+        env.key_for(&enroll, &scid, &card),
+        soft_admin_des3(K1_HEX, &card)
+    );
     let conn = rusqlite::Connection::open(env.db()).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
     let pinned: String = conn
@@ -500,7 +426,7 @@ fn pinned_kcv_mismatch_is_refused_on_release() {
     drop(conn);
     let r = env.key(&enroll, &scid, &card);
     assert_eq!(error_code(&r, 500), "InternalError");
-    let b64 = base64::engine::general_purpose::STANDARD.encode(want_des3(K1_HEX, &card));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(soft_admin_des3(K1_HEX, &card));
     assert!(!r.body.contains(&b64));
 }
 
@@ -516,7 +442,7 @@ fn retired_card_lifecycle() {
     let card = new_card();
     let (enroll, scid) = env.enroll(&card);
     let key = env.key_for(&enroll, &scid, &card);
-    assert_eq!(key, want_des3(K1_HEX, &card));
+    assert_eq!(key, soft_admin_des3(K1_HEX, &card));
     env.finish(&enroll, "Completed", 8);
     assert_eq!(env.card_status(&scid), 3);
 
@@ -742,7 +668,7 @@ fn config_bounds_and_duplicate_callers_are_refused() {
         let path = token.path().join("bad-serve.toml");
         std::fs::write(&path, text).unwrap();
         let start = Instant::now();
-        assert_serve_refuses(&token, &path, &[what.split(' ').next().unwrap()]);
+        assert_serve_refuses(&token, &path, &[what.split(' ').next().unwrap()], &[]);
         assert!(start.elapsed() < Duration::from_secs(10), "{what}: slow");
     }
 
@@ -885,7 +811,10 @@ fn two_authorization_headers_are_refused() {
         let r = raw_exchange(&addr, &head, b"", five);
         assert_eq!(r.error_code(401), "Unauthorized");
     }
-    assert_eq!(env.key_for(&reqid, &scid, &card), want_des3(K1_HEX, &card));
+    assert_eq!(
+        env.key_for(&reqid, &scid, &card),
+        soft_admin_des3(K1_HEX, &card)
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -920,7 +849,10 @@ fn health_endpoints_answer_get_only() {
     // Still ready after serving a key (the KCV check on each readiness probe holds).
     let card = new_card();
     let (reqid, scid) = env.enroll(&card);
-    assert_eq!(env.key_for(&reqid, &scid, &card), want_des3(K1_HEX, &card));
+    assert_eq!(
+        env.key_for(&reqid, &scid, &card),
+        soft_admin_des3(K1_HEX, &card)
+    );
     let r = call(&http, "GET", &readyz, None, None);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json(), json!({"Ready": true}));

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::*;
 use serde_json::{Value, json};
 
@@ -20,7 +19,6 @@ use serde_json::{Value, json};
 const MASTER_HEX: &str = "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4";
 /// The AES-128 master key "an-master" of the AN10922 template.
 const AN_MASTER_HEX: &str = "2b7e151628aed2a6abf7158809cf4f3c";
-const DEFAULT_LABEL: &str = "divkey admin key";
 const AES_LABEL: &str = "lifecycle aes label";
 const AN_SYSTEM_ID: &str = "a1b2c3d4e5";
 const DES3_DEFAULT: &str = "0102030405060708a1a2a3a4a5a6a7a8b1b2b3b4b5b6b7b8";
@@ -112,12 +110,7 @@ fn master() -> Vec<u8> {
 }
 
 fn want_des3_v1(card: &str) -> Vec<u8> {
-    soft_sp800_108(
-        &master(),
-        DEFAULT_LABEL,
-        "des3",
-        &card_id_bytes(card, "windows"),
-    )
+    soft_admin_des3(MASTER_HEX, card)
 }
 
 fn want_aes_v1(card: &str) -> Vec<u8> {
@@ -166,14 +159,6 @@ fn aes_ecb(key: &[u8], block: &[u8]) -> Vec<u8> {
     b.to_vec()
 }
 
-fn new_card() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 /// Percent-encodes a query value (base64 has '+', '/' and '=').
 fn pct(s: &str) -> String {
     s.bytes()
@@ -185,44 +170,6 @@ fn pct(s: &str) -> String {
             }
         })
         .collect()
-}
-
-fn has_odd_parity(key: &[u8]) -> bool {
-    key.iter().all(|b| b.count_ones() % 2 == 1)
-}
-
-/// A 200 response carrying key material (a key or a challenge response): headers, a JSON
-/// string of standard base64; returns the bytes.
-fn secret_bytes(r: &Resp) -> Vec<u8> {
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        r.header("cache-control"),
-        Some("no-store"),
-        "{:?}",
-        r.headers
-    );
-    assert!(
-        r.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{:?}",
-        r.header("content-type")
-    );
-    let s: String = serde_json::from_str(&r.body).expect("the body is a JSON string");
-    base64::engine::general_purpose::STANDARD
-        .decode(&s)
-        .unwrap_or_else(|e| panic!("{s:?} is not standard base64 with padding: {e}"))
-}
-
-/// An error response with the JSON error body; returns the ErrorCode.
-fn error_code(r: &Resp, status: u16) -> String {
-    assert_eq!(r.status, status, "{}", r.body);
-    let v = r.json();
-    assert!(v["Message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-    assert!(
-        v["CorrelationId"].as_str().is_some_and(|m| !m.is_empty()),
-        "{v}"
-    );
-    v["ErrorCode"].as_str().expect("ErrorCode").to_owned()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -420,11 +367,11 @@ const CHALLENGE8: [u8; 8] = [0x4d, 0x49, 0x4d, 0x20, 0x43, 0x4d, 0x21, 0x07];
 fn issue_des3(env: &Env, version: u32) -> Issued {
     let card = new_card();
     let (reqid, scid) = env.enroll(T_DES, &card);
-    let key = secret_bytes(&env.key(AGENT, &reqid, &scid, &card));
+    let key = key_bytes(&env.key(AGENT, &reqid, &scid, &card));
     assert_eq!(key.len(), 24);
     assert!(has_odd_parity(&key));
     assert_eq!(
-        secret_bytes(&env.key(AGENT, &reqid, &scid, &card)),
+        key_bytes(&env.key(AGENT, &reqid, &scid, &card)),
         key,
         "repeated calls give the same key"
     );
@@ -433,7 +380,7 @@ fn issue_des3(env: &Env, version: u32) -> Issued {
     } else {
         assert_ne!(key, want_des3_v1(&card), "version {version} key of {card}");
     }
-    let response = secret_bytes(&env.auth(AGENT, &reqid, &scid, &card, &CHALLENGE8, true));
+    let response = key_bytes(&env.auth(AGENT, &reqid, &scid, &card, &CHALLENGE8, true));
     assert_eq!(
         response,
         tdes_ecb(&key, &CHALLENGE8),
@@ -454,10 +401,10 @@ fn issue_des3(env: &Env, version: u32) -> Issued {
 /// An issued card, unblocked again: the same key and challenge response, the same version.
 fn check_reissue(env: &Env, issued: &Issued, version: u32) {
     let reqid = env.on_card("Unblock", &issued.scid);
-    let key = secret_bytes(&env.key(AGENT, &reqid, &issued.scid, &issued.card));
+    let key = key_bytes(&env.key(AGENT, &reqid, &issued.scid, &issued.card));
     assert_eq!(key, issued.key, "card {} changed key", issued.card);
     let response =
-        secret_bytes(&env.auth(AGENT, &reqid, &issued.scid, &issued.card, &CHALLENGE8, true));
+        key_bytes(&env.auth(AGENT, &reqid, &issued.scid, &issued.card, &CHALLENGE8, true));
     assert_eq!(
         response, issued.response,
         "card {} changed challenge response",
@@ -611,13 +558,13 @@ fn authentication_response_is_the_challenge_under_the_released_key() {
     // des3: 8-byte challenges.
     let card = new_card();
     let (reqid, scid) = env.enroll(T_DES, &card);
-    let key = secret_bytes(&env.key(AGENT, &reqid, &scid, &card));
+    let key = key_bytes(&env.key(AGENT, &reqid, &scid, &card));
     assert_eq!(key, want_des3_v1(&card));
     for _ in 0..3 {
         let ch: [u8; 8] = rand::random();
-        let got = secret_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, true));
+        let got = key_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, true));
         assert_eq!(got, tdes_ecb(&key, &ch), "des3 diversified=true");
-        let got = secret_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, false));
+        let got = key_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, false));
         assert_eq!(got, tdes_ecb(&des_default, &ch), "des3 diversified=false");
         assert_ne!(got, ch.to_vec());
     }
@@ -626,7 +573,7 @@ fn authentication_response_is_the_challenge_under_the_released_key() {
 
     // Only `authenticate` is needed, and `read_key` is not enough.
     let ch: [u8; 8] = rand::random();
-    let got = secret_bytes(&env.auth(AUTH_ONLY, &reqid, &scid, &card, &ch, true));
+    let got = key_bytes(&env.auth(AUTH_ONLY, &reqid, &scid, &card, &ch, true));
     assert_eq!(got, tdes_ecb(&key, &ch), "caller with only authenticate");
     let r = env.auth(KEY_ONLY, &reqid, &scid, &card, &ch, true);
     error_code(&r, 403);
@@ -694,14 +641,14 @@ fn authentication_response_is_the_challenge_under_the_released_key() {
     // aes128 (sp800-108-cmac): 16-byte challenges, AES-ECB.
     let card = new_card();
     let (reqid, scid) = env.enroll(T_AES, &card);
-    let key = secret_bytes(&env.key(AGENT, &reqid, &scid, &card));
+    let key = key_bytes(&env.key(AGENT, &reqid, &scid, &card));
     assert_eq!(key, want_aes_v1(&card));
     let ch: [u8; 16] = rand::random();
-    let got = secret_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, true));
+    let got = key_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, true));
     assert_eq!(got, aes_ecb(&key, &ch), "aes128 diversified=true");
-    let got = secret_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, false));
+    let got = key_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, false));
     assert_eq!(got, aes_ecb(&aes_default, &ch), "aes128 diversified=false");
-    let got = secret_bytes(&env.auth(AUTH_ONLY, &reqid, &scid, &card, &ch, true));
+    let got = key_bytes(&env.auth(AUTH_ONLY, &reqid, &scid, &card, &ch, true));
     assert_eq!(got, aes_ecb(&key, &ch));
     error_code(&env.auth(KEY_ONLY, &reqid, &scid, &card, &ch, true), 403);
     for bad in [
@@ -725,10 +672,10 @@ fn authentication_response_is_the_challenge_under_the_released_key() {
     // an10922-aes128.
     let card = new_card();
     let (reqid, scid) = env.enroll(T_AN, &card);
-    let key = secret_bytes(&env.key(AGENT, &reqid, &scid, &card));
+    let key = key_bytes(&env.key(AGENT, &reqid, &scid, &card));
     assert_eq!(key, want_an(&card));
     let ch: [u8; 16] = rand::random();
-    let got = secret_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, true));
+    let got = key_bytes(&env.auth(AGENT, &reqid, &scid, &card, &ch, true));
     assert_eq!(got, aes_ecb(&key, &ch), "an10922 diversified=true");
     used_kcvs.push((soft_kcv(&key, false), "an10922 card key"));
 
@@ -766,7 +713,7 @@ fn retired_cards_get_no_keys_until_enrolled_again() {
 
     let card = new_card();
     let (enroll, scid) = env.enroll(T_DES, &card);
-    let key = secret_bytes(&env.key(AGENT, &enroll, &scid, &card));
+    let key = key_bytes(&env.key(AGENT, &enroll, &scid, &card));
     env.complete(&enroll);
 
     // Retire it within a Retire request.
@@ -798,10 +745,10 @@ fn retired_cards_get_no_keys_until_enrolled_again() {
 
     // A new enrollment binds it again: the same key.
     let (again, scid2) = env.enroll(T_DES, &card);
-    let key2 = secret_bytes(&env.key(AGENT, &again, &scid2, &card));
+    let key2 = key_bytes(&env.key(AGENT, &again, &scid2, &card));
     assert_eq!(key2, key, "a re-enrolled card keeps its key");
     assert_eq!(key2, want_des3_v1(&card));
-    let got = secret_bytes(&env.auth(AGENT, &again, &scid2, &card, &ch, true));
+    let got = key_bytes(&env.auth(AGENT, &again, &scid2, &card, &ch, true));
     assert_eq!(got, tdes_ecb(&key, &ch));
     assert_eq!(env.card(&scid2)["AdminKeyVersion"], 1);
     env.complete(&again);
@@ -810,7 +757,7 @@ fn retired_cards_get_no_keys_until_enrolled_again() {
     // Disabled and back to Active, within an Unblock request.
     let card = new_card();
     let (enroll, scid) = env.enroll(T_AES, &card);
-    let key = secret_bytes(&env.key(AGENT, &enroll, &scid, &card));
+    let key = key_bytes(&env.key(AGENT, &enroll, &scid, &card));
     env.complete(&enroll);
     let unblock = env.on_card("Unblock", &scid);
     let r = env.put_card(AGENT, &unblock, &scid, "Disabled");
@@ -825,7 +772,7 @@ fn retired_cards_get_no_keys_until_enrolled_again() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["Status"], 3);
     assert_eq!(
-        secret_bytes(&env.key(AGENT, &unblock, &scid, &card)),
+        key_bytes(&env.key(AGENT, &unblock, &scid, &card)),
         key,
         "active again: the same key"
     );
@@ -951,7 +898,7 @@ fn self_test_refuses_a_broken_algorithm_and_names_it() {
     let card = new_card();
     let (reqid, scid) = env.enroll(T_AN, &card);
     assert_eq!(
-        secret_bytes(&env.key(AGENT, &reqid, &scid, &card)),
+        key_bytes(&env.key(AGENT, &reqid, &scid, &card)),
         want_an(&card)
     );
     env.stop();
@@ -1288,7 +1235,7 @@ fn retired_card_is_not_reactivated_without_a_new_enrollment() {
     // Retired within a Retire request, then PUT Active through the old requests.
     let card = new_card();
     let (enroll, scid) = env.enroll(T_DES, &card);
-    let key = secret_bytes(&env.key(AGENT, &enroll, &scid, &card));
+    let key = key_bytes(&env.key(AGENT, &enroll, &scid, &card));
     env.complete(&enroll);
     let retire = env.on_card("Retire", &scid);
     let r = env.put_card(AGENT, &retire, &scid, "Retired");
@@ -1322,7 +1269,7 @@ fn retired_card_is_not_reactivated_without_a_new_enrollment() {
         if r.status == 201 {
             let unblock = r.created_id();
             let r = env.key(AGENT, &unblock, &scid, &card);
-            if r.status == 200 && secret_bytes(&r) == key {
+            if r.status == 200 && key_bytes(&r) == key {
                 problems.push(
                     "after that PUT Active, an Unblock request on the retired card got its key (200)"
                         .to_owned(),

@@ -4,10 +4,9 @@
 mod common;
 
 use common::*;
-use divkey::config::HsmConfig;
 use divkey::diversify::{AdminKeyType, AesKeySize, CardIdLayout, Derivation};
 use divkey::domain::CardId;
-use divkey::hsm::{Hsm, MasterKeyRef};
+use divkey::hsm::MasterKeyRef;
 use rand::{Rng, SeedableRng};
 use zeroize::Zeroizing;
 
@@ -29,15 +28,8 @@ fn random_label(rng: &mut impl Rng) -> String {
 #[test]
 fn hsm_equals_software_on_random_inputs() {
     let token = TestToken::new();
-    // SAFETY: the only test of this binary; set before the module is loaded.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", &token.conf) };
-    let cfg: HsmConfig = toml::from_str(&format!(
-        "module = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{}\"\npin_file = \"{}\"",
-        token.label,
-        token.pin_file.display()
-    ))
-    .unwrap();
-    let hsm = Hsm::open(&cfg).unwrap();
+    // The only test of this binary: the one PKCS#11 context of this process.
+    let hsm = open_hsm(&token);
     let seed: u64 = std::env::var("DIVKEY_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

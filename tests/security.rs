@@ -29,7 +29,6 @@ use serde_json::{Value, json};
 
 /// The master key imported into every token (the AES-256 key of NIST SP 800-38B).
 const MASTER_HEX: &str = "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4";
-const DEFAULT_LABEL: &str = "divkey admin key";
 const DES3_DEFAULT: &str = "0102030405060708a1a2a3a4a5a6a7a8b1b2b3b4b5b6b7b8";
 
 const T1: &str = "5c0ffee0-1111-4a8e-9c2d-3f4e5a6b7c01";
@@ -89,39 +88,7 @@ fn master() -> Vec<u8> {
 }
 
 fn want_des3(card: &str) -> Vec<u8> {
-    soft_sp800_108(
-        &master(),
-        DEFAULT_LABEL,
-        "des3",
-        &card_id_bytes(card, "windows"),
-    )
-}
-
-fn new_card() -> String {
-    uuid::Uuid::new_v4().to_string()
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// A 200 key response: the JSON string body decoded.
-fn key_bytes(r: &Resp) -> Vec<u8> {
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.header("cache-control"), Some("no-store"));
-    let s: String = serde_json::from_str(&r.body).expect("the body is a JSON string");
-    base64::engine::general_purpose::STANDARD
-        .decode(&s)
-        .unwrap_or_else(|e| panic!("{s:?} is not base64: {e}"))
-}
-
-/// An error response with `status`; returns its ErrorCode.
-fn error_code(r: &Resp, status: u16) -> String {
-    assert_eq!(r.status, status, "{}", r.body);
-    r.json()["ErrorCode"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no ErrorCode: {}", r.body))
-        .to_owned()
+    soft_admin_des3(MASTER_HEX, card)
 }
 
 fn template_uuids(r: &Resp) -> Vec<String> {
@@ -160,28 +127,6 @@ fn divkey_env(token: &TestToken, env: &[(&str, &str)], args: &[&str]) -> (i32, S
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// The output holds exactly one non-empty line, `divkey: error: ...`, naming every needle.
-fn assert_one_error_line(what: &str, stderr: &str, needles: &[&str]) {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{what}: expected one line, got:\n{stderr}");
-    assert!(
-        lines[0].starts_with("divkey: error:"),
-        "{what}: not a \"divkey: error:\" line: {}",
-        lines[0]
-    );
-    for n in needles {
-        assert!(
-            lines[0].contains(n),
-            "{what}: {n:?} not named in: {}",
-            lines[0]
-        );
-    }
 }
 
 // ---------------------------------------------------------------------------------------

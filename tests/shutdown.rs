@@ -6,7 +6,6 @@ mod common;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use base64::Engine;
 use common::*;
 use serde_json::json;
 
@@ -59,12 +58,7 @@ permissions = {{ "{TEMPLATE}" = ["request", "bind", "read_key"] }}
         "{}/requests/{reqid}/smartcards/{scid}/diversifiedkey?cardid={card}",
         server.base
     );
-    let want = base64::engine::general_purpose::STANDARD.encode(soft_sp800_108(
-        &hex::decode(MASTER).unwrap(),
-        "divkey admin key",
-        "des3",
-        &card_id_bytes(card, "windows"),
-    ));
+    let want = b64(&soft_admin_des3(MASTER, card));
 
     // 16 clients loop on keep-alive connections; SIGTERM arrives in the middle.
     let start = Arc::new(Barrier::new(17));

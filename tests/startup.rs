@@ -65,40 +65,6 @@ fn config(token: &TestToken, name: &str, rest: &str) -> PathBuf {
     write_config(token, name, &config_text(token, "127.0.0.1:0", rest))
 }
 
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// Fails if any of `secrets` (as given, upper- or lower-case) appears in `output`.
-fn assert_no_secret(what: &str, output: &str, secrets: &[&str]) {
-    for s in secrets {
-        for form in [s.to_string(), s.to_uppercase(), s.to_lowercase()] {
-            assert!(
-                !output.contains(&form),
-                "{what}: a secret ({form}) appears in the output:\n{output}"
-            );
-        }
-    }
-}
-
-/// The output holds exactly one non-empty line, `divkey: error: ...`, naming every needle.
-fn assert_one_error_line(what: &str, stderr: &str, needles: &[&str]) {
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{what}: expected one line on stderr, got:\n{stderr}"
-    );
-    let line = lines[0];
-    assert!(
-        line.starts_with("divkey: error:"),
-        "{what}: the line does not start with \"divkey: error:\": {line}"
-    );
-    for n in needles {
-        assert!(line.contains(n), "{what}: {n:?} is not named in: {line}");
-    }
-}
-
 /// `divkey check` refuses: nonzero exit, one error line naming `needles`, no "ok", no secret.
 fn assert_check_refuses(token: &TestToken, config: &Path, needles: &[&str], secrets: &[&str]) {
     let (code, out, err) = run_divkey(token, &["check", "--config", p(config)]);
@@ -110,31 +76,9 @@ fn assert_check_refuses(token: &TestToken, config: &Path, needles: &[&str], secr
     assert_no_secret(&what, &err, secrets);
 }
 
-/// `divkey serve` exits (does not hang) with one error line naming `needles`, no secret.
-fn assert_serve_refuses(token: &TestToken, config: &Path, needles: &[&str], secrets: &[&str]) {
-    let what = format!("serve {}", config.display());
-    let log = match Server::try_start(token, config) {
-        Ok(server) => panic!("{what} started:\n{}", server.stop()),
-        Err(log) => log,
-    };
-    assert!(!log.starts_with("timeout"), "{what} hung:\n{log}");
-    assert_one_error_line(&what, &log, needles);
-    assert_no_secret(&what, &log, secrets);
-}
-
 fn assert_both_refuse(token: &TestToken, config: &Path, needles: &[&str]) {
     assert_check_refuses(token, config, needles, &[USER_PIN]);
     assert_serve_refuses(token, config, needles, &[USER_PIN]);
-}
-
-/// `divkey check` succeeds and prints "ok"; returns stdout.
-fn assert_check_ok(token: &TestToken, config: &Path) -> String {
-    let (code, out, err) = run_divkey(token, &["check", "--config", p(config)]);
-    assert_eq!(code, 0, "check failed:\n{out}{err}");
-    assert!(out.contains("ok"), "check did not print ok:\n{out}");
-    assert!(err.trim().is_empty(), "check wrote to stderr:\n{err}");
-    assert_no_secret("check", &out, &[USER_PIN]);
-    out
 }
 
 fn generate(

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use divkey::config::HsmConfig;
 use divkey::diversify::{self, AdminKeyType, AesKeySize, CardIdLayout, Derivation};
 use divkey::domain::CardId;
 use divkey::hsm::{Hsm, MasterKeyRef};
@@ -24,19 +23,6 @@ fn vectors() -> serde_json::Value {
         })
         .expect("vectors.json");
     serde_json::from_str(&text).unwrap()
-}
-
-fn open_hsm(token: &TestToken) -> Hsm {
-    // One process-wide PKCS#11 context per test binary: this file holds one test.
-    // SAFETY: set before any PKCS#11 call and before other threads of this test exist.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", &token.conf) };
-    let cfg: HsmConfig = toml::from_str(&format!(
-        "module = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{}\"\npin_file = \"{}\"",
-        token.label,
-        token.pin_file.display()
-    ))
-    .unwrap();
-    Hsm::open(&cfg).expect("open HSM")
 }
 
 fn import(hsm: &Hsm, label: &str, key_hex: &str) -> MasterKeyRef {

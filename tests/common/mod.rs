@@ -9,12 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aes::{Aes128, Aes192, Aes256};
+use base64::Engine;
 use cmac::{Cmac, Mac};
 
 pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const TOKEN_LABEL: &str = "divkey-test";
 pub const USER_PIN: &str = "test-user-pin-4711";
 pub const SO_PIN: &str = "test-so-pin-0815";
+/// The label of SP 800-108 templates that set none.
+pub const DEFAULT_LABEL: &str = "divkey admin key";
 
 pub fn divkey_bin() -> &'static str {
     env!("CARGO_BIN_EXE_divkey")
@@ -354,6 +357,17 @@ pub fn soft_sp800_108(master: &[u8], label: &str, key_type: &str, cid: &[u8; 16]
     out
 }
 
+/// The des3 admin key of `card` under `master_hex`: SP 800-108 with [`DEFAULT_LABEL`] and
+/// windows card ID bytes.
+pub fn soft_admin_des3(master_hex: &str, card: &str) -> Vec<u8> {
+    soft_sp800_108(
+        &hex::decode(master_hex).unwrap(),
+        DEFAULT_LABEL,
+        "des3",
+        &card_id_bytes(card, "windows"),
+    )
+}
+
 /// NXP AN10922 AES-128/192/256 diversification for M of 16 to 31 bytes.
 pub fn soft_an10922(master: &[u8], m: &[u8]) -> Vec<u8> {
     let step = |c: u8| {
@@ -416,7 +430,7 @@ impl Resp {
     }
 }
 
-fn to_resp(r: ureq::Response) -> Resp {
+pub fn to_resp(r: ureq::Response) -> Resp {
     let status = r.status();
     let headers = r
         .headers_names()
@@ -472,4 +486,139 @@ pub fn try_call(
         Err(ureq::Error::Status(_, r)) => Ok(to_resp(r)),
         Err(ureq::Error::Transport(t)) => Err(Box::new(t)),
     }
+}
+
+/// A 200 response carrying key material (a key or a challenge response): headers, a JSON
+/// string of standard base64; returns the bytes.
+pub fn key_bytes(r: &Resp) -> Vec<u8> {
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.header("cache-control"),
+        Some("no-store"),
+        "{:?}",
+        r.headers
+    );
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{:?}",
+        r.header("content-type")
+    );
+    let s: String = serde_json::from_str(&r.body).expect("the body is a JSON string");
+    base64::engine::general_purpose::STANDARD
+        .decode(&s)
+        .unwrap_or_else(|e| panic!("{s:?} is not standard base64 with padding: {e}"))
+}
+
+/// An error response: status, JSON body with the three fields, correlation id echoed.
+/// Returns the ErrorCode.
+pub fn error_code(r: &Resp, status: u16) -> String {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{:?}: {}",
+        r.header("content-type"),
+        r.body
+    );
+    let v = r.json();
+    let message = v["Message"].as_str().expect("Message");
+    assert!(!message.is_empty(), "{}", r.body);
+    let code = v["ErrorCode"].as_str().expect("ErrorCode");
+    assert!(!code.is_empty(), "{}", r.body);
+    let cid = v["CorrelationId"].as_str().expect("CorrelationId");
+    assert!(!cid.is_empty(), "{}", r.body);
+    assert_eq!(r.header("x-correlation-id"), Some(cid));
+    assert_eq!(v.as_object().unwrap().len(), 3, "{}", r.body);
+    code.to_owned()
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers.
+
+/// A fresh random card ID.
+pub fn new_card() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Standard base64 with padding.
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn has_odd_parity(key: &[u8]) -> bool {
+    key.iter().all(|b| b.count_ones() % 2 == 1)
+}
+
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Opens the token with divkey's own HSM layer. One process-wide PKCS#11 context per test
+/// binary: call it once, from the binary's only test.
+pub fn open_hsm(token: &TestToken) -> divkey::hsm::Hsm {
+    // SAFETY: set before any PKCS#11 call of this process, while no other thread reads the
+    // environment (the CLI children have finished).
+    unsafe { std::env::set_var("SOFTHSM2_CONF", &token.conf) };
+    let cfg: divkey::config::HsmConfig = toml::from_str(&format!(
+        "module = \"{SOFTHSM_MODULE}\"\ntoken_label = \"{}\"\npin_file = \"{}\"",
+        token.label,
+        token.pin_file.display()
+    ))
+    .unwrap();
+    divkey::hsm::Hsm::open(&cfg).expect("open HSM")
+}
+
+// ---------------------------------------------------------------------------------------
+// CLI refusals.
+
+/// Fails if any of `secrets` (as given, upper- or lower-case) appears in `output`.
+pub fn assert_no_secret(what: &str, output: &str, secrets: &[&str]) {
+    for s in secrets {
+        for form in [s.to_string(), s.to_uppercase(), s.to_lowercase()] {
+            assert!(
+                !output.contains(&form),
+                "{what}: a secret ({form}) appears in the output:\n{output}"
+            );
+        }
+    }
+}
+
+/// The output holds exactly one non-empty line, `divkey: error: ...`, naming every needle,
+/// and no panic.
+pub fn assert_one_error_line(what: &str, output: &str, needles: &[&str]) {
+    assert!(!output.contains("panicked"), "{what}: panicked:\n{output}");
+    let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{what}: expected one line, got:\n{output}");
+    let line = lines[0];
+    assert!(
+        line.starts_with("divkey: error:"),
+        "{what}: not a \"divkey: error:\" line: {line}"
+    );
+    for n in needles {
+        assert!(line.contains(n), "{what}: {n:?} not named in: {line}");
+    }
+}
+
+/// `divkey serve` exits (does not hang, does not listen) with one error line naming
+/// `needles`, and none of `secrets` in its log.
+pub fn assert_serve_refuses(token: &TestToken, config: &Path, needles: &[&str], secrets: &[&str]) {
+    let what = format!("serve {}", config.display());
+    let log = match Server::try_start(token, config) {
+        Ok(server) => panic!("{what} started:\n{}", server.stop()),
+        Err(log) => log,
+    };
+    assert!(!log.starts_with("timeout"), "{what} hung:\n{log}");
+    assert_one_error_line(&what, &log, needles);
+    assert_no_secret(&what, &log, secrets);
+}
+
+/// `divkey check` succeeds, prints "ok", writes nothing to stderr and no PIN; returns stdout.
+pub fn assert_check_ok(token: &TestToken, config: &Path) -> String {
+    let (code, out, err) = run_divkey(token, &["check", "--config", p(config)]);
+    assert_eq!(code, 0, "check failed:\n{out}{err}");
+    assert!(out.contains("ok"), "check did not print ok:\n{out}");
+    assert!(err.trim().is_empty(), "check wrote to stderr:\n{err}");
+    assert_no_secret("check", &out, &[USER_PIN]);
+    out
 }
