@@ -81,7 +81,7 @@ divkey is starting on http://127.0.0.1:$port (Ctrl-C stops it). In another shell
         -d "{\"requestid\":\"\$REQ\",\"cardid\":\"\$CARD\",\"atr\":\"3B8F8001804F0CA000000306030001000000006A\"}" | tr -d '"' | sed 's|.*/||'); echo \$SC
   curl -s -H "\$H" "\$B/requests/\$REQ/smartcards/\$SC/diversifiedkey?cardid=\$CARD"; echo
   curl -s -H "\$H" -H 'Content-Type: application/json' -X PUT \$B/requests/\$REQ -d '{"status":"Completed"}'; echo
-  curl -s -H "\$H" "\$B/requests/\$REQ/smartcards/\$SC/diversifiedkey?cardid=\$CARD"; echo   # now 403: request Completed
+  curl -s -w ' HTTP %{http_code}\n' -H "\$H" "\$B/requests/\$REQ/smartcards/\$SC/diversifiedkey?cardid=\$CARD"   # now 403: request Completed
 
 FLOW
 exec "$bin" serve --config "$dev/divkey.toml"

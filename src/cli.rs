@@ -652,6 +652,10 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 |k| hsm.destroy_master_key(k),
             )?;
             print_key("rotated", &key);
+            println!(
+                "restart divkey (each replica) to issue version {} to new cards",
+                key.version
+            );
             let _ = hsm.close();
         }
         KeysCommand::Retire {

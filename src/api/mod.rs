@@ -390,7 +390,7 @@ async fn handle(
         Route::Healthz => return Ok(json(StatusCode::OK, &serde_json::json!({"Status": "ok"}))),
         Route::Metrics => {
             return Ok(HttpResponse::Ok()
-                .content_type("text/plain; version=0.0.4; charset=utf-8")
+                .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
                 .body(state.metrics.render()));
         }
         Route::Readyz => {

@@ -25,6 +25,8 @@ pub enum HsmError {
     Timeout,
     #[error("HSM session queue is full")]
     Busy,
+    #[error("HSM unavailable; reconnecting")]
+    Reconnecting,
     #[error("HSM call {function} failed: {rv}")]
     Failed { function: Function, rv: RvError },
     #[error("HSM: {0}")]
@@ -36,7 +38,10 @@ pub enum HsmError {
 impl HsmError {
     /// Transient: the HSM is unreachable, slow or saturated; a retry later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable { .. } | Self::Timeout | Self::Busy)
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::Timeout | Self::Busy | Self::Reconnecting
+        )
     }
 
     /// Whether the session that produced this error must be discarded.

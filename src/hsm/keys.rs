@@ -18,6 +18,8 @@ pub struct MasterKeyRef {
     pub size: AesKeySize,
     pub kcv: Kcv,
     pub(super) handle: ObjectHandle,
+    /// The generation of the library initialisation `handle` belongs to.
+    pub(super) generation: u64,
 }
 
 /// A key as `keys list` shows it.
@@ -240,6 +242,7 @@ impl Hsm {
                     size,
                     kcv,
                     handle,
+                    generation: self.generation(),
                 });
             }
             versions.sort_by_key(|v| v.version);
@@ -579,5 +582,41 @@ impl Hsm {
             session.destroy_object(key)?;
             result
         })
+    }
+}
+
+impl Hsm {
+    /// The handle of `key` in `generation`. After the HSM was re-established, the key is
+    /// looked up again by label and version and must have the same KCV: a different key is
+    /// never used in its place.
+    pub(super) fn handle_in(
+        &self,
+        key: &MasterKeyRef,
+        generation: u64,
+    ) -> Result<ObjectHandle, HsmError> {
+        if generation == key.generation {
+            return Ok(key.handle);
+        }
+        let id = (key.label.clone(), key.version);
+        let mut cache = self
+            .handles
+            .lock()
+            .map_err(|_| HsmError::Other("handle cache lock poisoned".into()))?;
+        if let Some((_, _, handle)) = cache.iter().find(|(k, g, _)| *k == id && *g == generation) {
+            return Ok(*handle);
+        }
+        let found = self.master_key_version(&key.label, key.version)?;
+        if found.kcv != key.kcv {
+            return Err(HsmError::MasterKey {
+                label: key.label.clone(),
+                problem: format!(
+                    "version {} now has KCV {}, not {}; refusing to use it",
+                    key.version, found.kcv, key.kcv
+                ),
+            });
+        }
+        cache.retain(|(_, g, _)| *g >= generation);
+        cache.push((id, found.generation, found.handle));
+        Ok(found.handle)
     }
 }

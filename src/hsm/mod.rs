@@ -78,20 +78,79 @@ impl<'a> PinSource<'a> {
     }
 }
 
-/// A logged-in PKCS#11 token.
-pub struct Hsm {
+/// One initialisation of the PKCS#11 library with its logged-in session. Replaced as a whole
+/// when the HSM comes back after an outage.
+struct Live {
     ctx: Pkcs11,
     slot: Slot,
-    token_label: String,
-    /// Holds the login for the process lifetime; also used for one-off management calls.
+    /// Holds the login; also used for one-off management calls.
     login_session: Mutex<Option<Session>>,
+    generation: u64,
 }
+
+/// A logged-in PKCS#11 token that heals: after a transport-level failure the library is
+/// finalized, initialised again and logged in again (with backoff, and never again after a
+/// refused PIN), and master key handles are looked up anew and checked against their KCV.
+pub struct Hsm {
+    module: std::path::PathBuf,
+    token_label: String,
+    pin: PinSpec,
+    live: std::sync::RwLock<Option<std::sync::Arc<Live>>>,
+    generation: std::sync::atomic::AtomicU64,
+    last_attempt: Mutex<Option<std::time::Instant>>,
+    pin_refused: std::sync::atomic::AtomicBool,
+    /// Master key handles resolved in later generations.
+    handles: Mutex<Vec<ResolvedHandle>>,
+}
+
+/// ((label, version), generation, handle): a master key's handle in one generation.
+type ResolvedHandle = ((String, u32), u64, cryptoki::object::ObjectHandle);
+
+/// Where the PIN comes from, kept to log in again after an outage.
+enum PinSpec {
+    File(std::path::PathBuf),
+    Env(String),
+}
+
+impl PinSpec {
+    fn read(&self) -> Result<SecretString, HsmError> {
+        match self {
+            Self::File(p) => PinSource::File(p).read(),
+            Self::Env(v) => PinSource::Env(v).read(),
+        }
+    }
+}
+
+/// Least time between two attempts to re-establish the HSM.
+const RECONNECT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Hsm {
     /// Loads the module, finds the token, logs in once. A wrong PIN is reported, not retried.
     pub fn open(config: &HsmConfig) -> Result<Self, HsmError> {
-        let module = config.module.display().to_string();
-        let ctx = Pkcs11::new(&config.module).map_err(|e| HsmError::Module {
+        let pin = match PinSource::from_config(config)? {
+            PinSource::File(p) => PinSpec::File(p.to_owned()),
+            PinSource::Env(v) => PinSpec::Env(v.to_owned()),
+        };
+        let hsm = Self {
+            module: config.module.clone(),
+            token_label: config.token_label.clone(),
+            pin,
+            live: std::sync::RwLock::new(None),
+            generation: std::sync::atomic::AtomicU64::new(1),
+            last_attempt: Mutex::new(None),
+            pin_refused: std::sync::atomic::AtomicBool::new(false),
+            handles: Mutex::new(Vec::new()),
+        };
+        let live = hsm.connect(1)?;
+        if let Ok(mut slot) = hsm.live.write() {
+            *slot = Some(std::sync::Arc::new(live));
+        }
+        Ok(hsm)
+    }
+
+    fn connect(&self, generation: u64) -> Result<Live, HsmError> {
+        let module = self.module.display().to_string();
+        let ctx = Pkcs11::new(&self.module).map_err(|e| HsmError::Module {
             path: module.clone(),
             reason: e.to_string(),
         })?;
@@ -100,25 +159,129 @@ impl Hsm {
                 path: module,
                 reason: format!("C_Initialize: {e}"),
             })?;
-        let slot = find_token(&ctx, &config.token_label)?;
-        let pin = PinSource::from_config(config)?.read()?;
-        let session = ctx.open_rw_session(slot)?;
-        error::login_result(session.login(UserType::User, Some(&pin)))?;
-        Ok(Self {
-            ctx,
-            slot,
-            token_label: config.token_label.clone(),
-            login_session: Mutex::new(Some(session)),
-        })
+        let result = (|| {
+            let slot = find_token(&ctx, &self.token_label)?;
+            let pin = self.pin.read()?;
+            let session = ctx.open_rw_session(slot)?;
+            error::login_result(session.login(UserType::User, Some(&pin)))?;
+            Ok((slot, session))
+        })();
+        match result {
+            Ok((slot, session)) => Ok(Live {
+                ctx,
+                slot,
+                login_session: Mutex::new(Some(session)),
+                generation,
+            }),
+            Err(e) => {
+                let _ = ctx.finalize();
+                Err(e)
+            }
+        }
     }
 
     pub fn token_label(&self) -> &str {
         &self.token_label
     }
 
-    /// A new read-only working session; it shares the application's login.
-    fn open_session(&self) -> Result<Session, HsmError> {
-        Ok(self.ctx.open_ro_session(self.slot)?)
+    /// The current generation of the library's initialisation.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The live initialisation, re-established first if an outage took it down.
+    fn live(&self) -> Result<std::sync::Arc<Live>, HsmError> {
+        if let Ok(guard) = self.live.read()
+            && let Some(live) = guard.as_ref()
+        {
+            return Ok(std::sync::Arc::clone(live));
+        }
+        self.reconnect()
+    }
+
+    fn reconnect(&self) -> Result<std::sync::Arc<Live>, HsmError> {
+        if self.pin_refused.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(HsmError::PinIncorrect);
+        }
+        let mut last = self
+            .last_attempt
+            .lock()
+            .map_err(|_| HsmError::Other("reconnect lock poisoned".into()))?;
+        // Another thread may have reconnected while this one waited for the lock.
+        if let Ok(guard) = self.live.read()
+            && let Some(live) = guard.as_ref()
+        {
+            return Ok(std::sync::Arc::clone(live));
+        }
+        if last.is_some_and(|t| t.elapsed() < RECONNECT_BACKOFF) {
+            return Err(HsmError::Reconnecting);
+        }
+        *last = Some(std::time::Instant::now());
+        let generation = self.generation() + 1;
+        match self.connect(generation) {
+            Ok(live) => {
+                let live = std::sync::Arc::new(live);
+                if let Ok(mut slot) = self.live.write() {
+                    *slot = Some(std::sync::Arc::clone(&live));
+                }
+                self.generation
+                    .store(generation, std::sync::atomic::Ordering::Release);
+                tracing::info!(
+                    generation,
+                    "HSM re-established: library initialised, logged in"
+                );
+                Ok(live)
+            }
+            Err(HsmError::PinIncorrect) => {
+                self.pin_refused
+                    .store(true, std::sync::atomic::Ordering::Release);
+                tracing::error!("HSM login refused on reconnect: wrong PIN; not retried");
+                Err(HsmError::PinIncorrect)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "HSM still unavailable");
+                Err(HsmError::Reconnecting)
+            }
+        }
+    }
+
+    /// Takes a generation down after a transport-level failure: its sessions are abandoned
+    /// (not closed: after C_Finalize their handle numbers may belong to new sessions) and the
+    /// library is finalized, so the next call initialises it again.
+    pub(crate) fn mark_down(&self, generation: u64) {
+        let Ok(mut slot) = self.live.write() else {
+            return;
+        };
+        if slot.as_ref().is_none_or(|l| l.generation != generation) {
+            return;
+        }
+        if let Some(live) = slot.take() {
+            if let Ok(mut login) = live.login_session.lock()
+                && let Some(session) = login.take()
+            {
+                std::mem::forget(session);
+            }
+            let _ = live.ctx.clone().finalize();
+            tracing::warn!(
+                generation,
+                "HSM unavailable: sessions abandoned, library finalized"
+            );
+        }
+    }
+
+    /// A new read-only working session of the current generation; it shares the login.
+    fn open_session(&self) -> Result<(Session, u64), HsmError> {
+        let live = self.live()?;
+        match live.ctx.open_ro_session(live.slot) {
+            Ok(session) => Ok((session, live.generation)),
+            Err(e) => {
+                let e = HsmError::from(e);
+                if e.poisons_session() {
+                    self.mark_down(live.generation);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Runs `f` on the login session (management calls: key lookup, generation, import).
@@ -126,24 +289,35 @@ impl Hsm {
         &self,
         f: impl FnOnce(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
-        let guard = self
-            .login_session
-            .lock()
-            .map_err(|_| HsmError::Other("login session lock poisoned".into()))?;
-        let session = guard
-            .as_ref()
-            .ok_or_else(|| HsmError::Other("HSM is closed".into()))?;
-        f(session)
+        let live = self.live()?;
+        let result = {
+            let guard = live
+                .login_session
+                .lock()
+                .map_err(|_| HsmError::Other("login session lock poisoned".into()))?;
+            let session = guard
+                .as_ref()
+                .ok_or_else(|| HsmError::Other("HSM is closed".into()))?;
+            f(session)
+        };
+        if result.as_ref().err().is_some_and(HsmError::poisons_session) {
+            self.mark_down(live.generation);
+        }
+        result
     }
 
     /// Logs out, closes the login session and finalizes the library.
     pub fn close(self) -> Result<(), HsmError> {
-        let session = self.login_session.lock().ok().and_then(|mut s| s.take());
+        let live = self.live.write().ok().and_then(|mut l| l.take());
+        let Some(live) = live else {
+            return Ok(());
+        };
+        let session = live.login_session.lock().ok().and_then(|mut s| s.take());
         if let Some(session) = session {
             let _ = session.logout();
             drop(session);
         }
-        self.ctx.finalize()?;
+        live.ctx.clone().finalize()?;
         Ok(())
     }
 }

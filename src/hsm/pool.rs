@@ -19,8 +19,16 @@ use super::{Hsm, HsmError, MasterKeyRef};
 use crate::diversify::{AdminKey, Derivation, Kcv, aes_kcv, derive_admin_key};
 use crate::domain::CardId;
 
+/// What a job runs on: a worker's session, the generation it belongs to, and the HSM (to
+/// resolve master key handles in that generation).
+pub(super) struct WorkerSession<'a> {
+    pub session: &'a Session,
+    pub generation: u64,
+    pub hsm: &'a Hsm,
+}
+
 /// Runs on a worker's session; returns whether the session must be discarded.
-type Job = Box<dyn FnOnce(Result<&Session, HsmError>) -> bool + Send>;
+type Job = Box<dyn FnOnce(Result<WorkerSession<'_>, HsmError>) -> bool + Send>;
 
 pub struct DerivationPool {
     jobs: Option<SyncSender<Job>>,
@@ -71,7 +79,7 @@ impl DerivationPool {
     /// Runs `f` on a pooled session within the deadline.
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Session) -> Result<T, HsmError> + Send + 'static,
+        f: impl FnOnce(&WorkerSession<'_>) -> Result<T, HsmError> + Send + 'static,
     ) -> Result<T, HsmError> {
         let (tx, rx) = oneshot::channel();
         let m = Arc::clone(&self.metrics);
@@ -79,7 +87,7 @@ impl DerivationPool {
             m.queue_depth.dec();
             m.sessions_busy.inc();
             let started = std::time::Instant::now();
-            let result = session.and_then(f);
+            let result = session.and_then(|ws| f(&ws));
             m.latency.observe(started.elapsed().as_secs_f64());
             m.sessions_busy.dec();
             let discard = result.as_ref().err().is_some_and(HsmError::poisons_session);
@@ -120,9 +128,11 @@ impl DerivationPool {
         derivation: &Derivation,
         card: CardId,
     ) -> Result<AdminKey, HsmError> {
-        let key = master.handle;
+        let key = master.clone();
         let derivation = derivation.clone();
-        self.run(move |session| {
+        self.run(move |ws| {
+            let key = ws.hsm.handle_in(&key, ws.generation)?;
+            let session = ws.session;
             derive_admin_key(&mut SessionPrf { session, key }, &derivation, &card)
         })
         .await
@@ -131,15 +141,21 @@ impl DerivationPool {
     /// The check value of a master key, computed now on a pooled session: proves that the
     /// key is there, usable, and still the same key.
     pub async fn master_key_kcv(&self, master: &MasterKeyRef) -> Result<Kcv, HsmError> {
-        let key = master.handle;
-        self.run(move |session| aes_kcv(&mut SessionPrf { session, key }))
-            .await
+        let key = master.clone();
+        self.run(move |ws| {
+            let key = ws.hsm.handle_in(&key, ws.generation)?;
+            aes_kcv(&mut SessionPrf {
+                session: ws.session,
+                key,
+            })
+        })
+        .await
     }
 
     /// Whether a pooled session answers (for readiness).
     pub async fn ping(&self) -> Result<(), HsmError> {
-        self.run(|session| {
-            session
+        self.run(|ws| {
+            ws.session
                 .get_session_info()
                 .map(|_| ())
                 .map_err(HsmError::from)
@@ -159,7 +175,7 @@ impl DerivationPool {
 fn worker(
     hsm: &Hsm,
     jobs: &Mutex<Receiver<Job>>,
-    mut session: Option<Session>,
+    mut session: Option<(Session, u64)>,
     metrics: &HsmMetrics,
 ) {
     loop {
@@ -170,6 +186,17 @@ fn worker(
             },
             Err(_) => return,
         };
+        // A session of a generation that was taken down is abandoned, never closed: after
+        // C_Finalize its handle number may belong to a new session.
+        if session
+            .as_ref()
+            .is_some_and(|(_, generation)| *generation != hsm.generation())
+        {
+            if let Some((old, _)) = session.take() {
+                std::mem::forget(old);
+            }
+            metrics.sessions.dec();
+        }
         if session.is_none() {
             match hsm.open_session() {
                 Ok(s) => {
@@ -182,9 +209,23 @@ fn worker(
                 }
             }
         }
-        let current = session.as_ref().ok_or(HsmError::Busy);
-        if job(current) {
-            session = None;
+        let Some((current, generation)) = session.as_ref() else {
+            job(Err(HsmError::Busy));
+            continue;
+        };
+        let generation = *generation;
+        let discard = job(Ok(WorkerSession {
+            session: current,
+            generation,
+            hsm,
+        }));
+        if discard {
+            // The failure says the HSM (not just this session) is gone: take the whole
+            // generation down so that the next call re-establishes it.
+            hsm.mark_down(generation);
+            if let Some((old, _)) = session.take() {
+                std::mem::forget(old);
+            }
             metrics.sessions.dec();
         }
     }
