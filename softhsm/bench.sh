@@ -16,18 +16,7 @@ cargo bench --quiet --bench hsm_ceiling --no-run 2>/dev/null
 echo "== ceiling: cryptoki directly on the token"
 for t in 1 2; do cargo bench --quiet --bench hsm_ceiling -- "$dev/divkey.toml" "$secs" "$t"; done
 
-DIVKEY_LOG_LEVEL=warn "$root/target/release/divkey" serve --config "$dev/divkey.toml" 2>"$dev/bench-server.log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
-TOKEN=$(cat "$dev/bearer.token"); B="http://127.0.0.1:$port/CertificateManagement/api/v1.0"
-H="Authorization: Bearer $TOKEN"
-tpl=$(curl -s -H "$H" "$B/profiletemplates" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["Uuid"])')
-REQ=$(curl -s -H "$H" -H 'Content-Type: application/json' -X POST "$B/requests" -d "{\"type\":\"Enroll\",\"profiletemplateuuid\":\"$tpl\"}" | tr -d '"' | sed 's|.*/||')
-CARD=$(python3 -c 'import uuid; print(uuid.uuid4())')
-SC=$(curl -s -H "$H" -H 'Content-Type: application/json' -X POST "$B/smartcards" -d "{\"requestid\":\"$REQ\",\"cardid\":\"$CARD\"}" | tr -d '"' | sed 's|.*/||')
-URL="$B/requests/$REQ/smartcards/$SC/diversifiedkey?cardid=$CARD"
-curl -sf -H "$H" "$URL" >/dev/null
+. "$root/softhsm/load-target.sh" bench
 echo "== one key request (curl, new connection each, 20 runs)"
 for _ in $(seq 20); do curl -s -o /dev/null -w '%{time_total}\n' -H "$H" "$URL"; done |
   python3 -c 'import sys; v=sorted(float(x)*1000 for x in sys.stdin); print(f"median {v[len(v)//2]:.2f} ms, min {v[0]:.2f} ms")'

@@ -14,17 +14,7 @@ export SOFTHSM2_CONF="$dev/softhsm2.conf"
 bin="$root/target/release/divkey"
 objects() { "$bin" keys list --config "$dev/divkey.toml" | tail -n +2 | wc -l; }
 before=$(objects)
-DIVKEY_LOG_LEVEL=warn "$bin" serve --config "$dev/divkey.toml" 2>"$dev/soak-server.log" &
-pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
-TOKEN=$(cat "$dev/bearer.token"); B="http://127.0.0.1:$port/CertificateManagement/api/v1.0"
-H="Authorization: Bearer $TOKEN"
-tpl=$(curl -s -H "$H" "$B/profiletemplates" | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["Uuid"])')
-REQ=$(curl -s -H "$H" -X POST "$B/requests" -d "{\"type\":\"Enroll\",\"profiletemplateuuid\":\"$tpl\"}" | tr -d '"' | sed 's|.*/||')
-CARD=$(python3 -c 'import uuid; print(uuid.uuid4())')
-SC=$(curl -s -H "$H" -X POST "$B/smartcards" -d "{\"requestid\":\"$REQ\",\"cardid\":\"$CARD\"}" | tr -d '"' | sed 's|.*/||')
-URL="$B/requests/$REQ/smartcards/$SC/diversifiedkey?cardid=$CARD"
+. "$root/softhsm/load-target.sh" soak
 wrk -t1 -c2 -d"${secs}s" --latency -H "$H" "$URL" > "$dev/soak-wrk.txt" &
 wrkpid=$!
 : > "$dev/soak-rss.txt"
