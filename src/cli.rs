@@ -354,6 +354,18 @@ fn serve(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// One version out of a label's checked versions (looked up once in the HSM).
+fn pick_version<'a>(
+    versions: &'a [MasterKeyRef],
+    label: &str,
+    version: u32,
+) -> Result<&'a MasterKeyRef, String> {
+    versions
+        .iter()
+        .find(|v| v.version == version)
+        .ok_or_else(|| format!("master key {label:?}: has no version {version}"))
+}
+
 /// One line per key action: what happened, label, type, version and KCV.
 fn print_key(what: &str, key: &MasterKeyRef) {
     println!(
@@ -667,9 +679,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
             let versions = hsm.master_key_versions(&label).map_err(|e| e.to_string())?;
-            let key = hsm
-                .master_key_version(&label, version)
-                .map_err(|e| e.to_string())?;
+            let key = pick_version(&versions, &label, version)?.clone();
             let retired = audit
                 .0
                 .read(|tx| tx.retired_versions(&label))
@@ -711,10 +721,9 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             let config = load(&config.config)?;
             let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
-            let newest = hsm.master_key(&label).map_err(|e| e.to_string())?;
-            let key = hsm
-                .master_key_version(&label, version)
-                .map_err(|e| e.to_string())?;
+            let versions = hsm.master_key_versions(&label).map_err(|e| e.to_string())?;
+            let key = pick_version(&versions, &label, version)?.clone();
+            let newest = versions.iter().map(|v| v.version).max().unwrap_or(version);
             let (cards, retired) = audit
                 .0
                 .read(|tx| {
@@ -729,7 +738,7 @@ fn keys(command: KeysCommand) -> Result<(), String> {
                 Some(format!(
                     "{cards} card(s) were issued under {label:?} version {version}; deleting it would lock them out"
                 ))
-            } else if version == newest.version {
+            } else if version == newest {
                 Some(format!(
                     "version {version} is the newest of {label:?}; keeping it keeps version numbers from being reused"
                 ))
