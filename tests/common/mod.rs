@@ -184,8 +184,23 @@ impl Server {
     }
 
     pub fn try_start(token: &TestToken, config: &Path) -> Result<Self, String> {
+        Self::try_start_with_env(token, config, &[])
+    }
+
+    /// Starts the server with extra environment variables (e.g. a PKCS#11 shim's settings).
+    pub fn start_with_env(token: &TestToken, config: &Path, env: &[(&str, &str)]) -> Self {
+        Self::try_start_with_env(token, config, env)
+            .unwrap_or_else(|log| panic!("server did not start:\n{log}"))
+    }
+
+    pub fn try_start_with_env(
+        token: &TestToken,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let mut child = Command::new(divkey_bin())
             .env("SOFTHSM2_CONF", &token.conf)
+            .envs(env.iter().copied())
             .args(["serve", "--config", config.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
