@@ -9,7 +9,7 @@ use crate::audit::AuditEvent;
 use crate::config::Template;
 use crate::diversify::{AdminKey, AdminKeyType};
 use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
-use crate::hsm::{DerivationPool, HsmError, MasterKeys};
+use crate::hsm::{DerivationPool, HsmError, KeySession, MasterKeys, NotAnswered};
 use crate::policy::{Caller, Permission};
 use crate::store::{KeyBinding, Request, Smartcard, Store, StoreError, Tx};
 use zeroize::Zeroizing;
@@ -147,9 +147,7 @@ pub enum KeyRelease {
 }
 
 pub struct Service {
-    templates: Vec<Template>,
-    masters: MasterKeys,
-    store: Arc<Store>,
+    keys: Arc<KeyRules>,
     pool: DerivationPool,
 }
 
@@ -200,9 +198,11 @@ impl Service {
         pool: DerivationPool,
     ) -> Self {
         Self {
-            templates,
-            masters,
-            store,
+            keys: Arc::new(KeyRules {
+                store,
+                templates,
+                masters,
+            }),
             pool,
         }
     }
@@ -212,14 +212,14 @@ impl Service {
     }
 
     fn template(&self, id: &Uuid) -> Option<&Template> {
-        self.templates.iter().find(|t| t.uuid == *id)
+        self.keys.template(id)
     }
 
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Tx) -> Result<T, ServiceError> + Send + 'static,
     ) -> Result<T, ServiceError> {
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(&self.keys.store);
         tokio::task::spawn_blocking(move || store.read(f))
             .await
             .map_err(|e| ServiceError::Internal(format!("store task: {e}")))?
@@ -229,7 +229,7 @@ impl Service {
         &self,
         f: impl FnOnce(&Tx) -> Result<T, ServiceError> + Send + 'static,
     ) -> Result<T, ServiceError> {
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(&self.keys.store);
         tokio::task::spawn_blocking(move || store.write(f))
             .await
             .map_err(|e| ServiceError::Internal(format!("store task: {e}")))?
@@ -237,7 +237,8 @@ impl Service {
 
     /// Templates on which the caller holds some permission.
     pub fn templates_for(&self, caller: &Caller) -> Vec<&Template> {
-        self.templates
+        self.keys
+            .templates
             .iter()
             .filter(|t| caller.sees(&t.uuid))
             .collect()
@@ -516,7 +517,7 @@ impl Service {
         })?;
         let binding = match (&template.derivation, &template.master_key) {
             (Some(derivation), Some(label)) => {
-                let master = self.masters.current(label).ok_or_else(|| {
+                let master = self.keys.masters.current(label).ok_or_else(|| {
                     ServiceError::Internal(format!(
                         "master key {label:?} has no version in service for new cards"
                     ))
@@ -534,7 +535,7 @@ impl Service {
             &binding,
             binding
                 .as_ref()
-                .and_then(|b| self.masters.version(&b.master_key_label, b.version)),
+                .and_then(|b| self.keys.masters.version(&b.master_key_label, b.version)),
         ) {
             // The version a card is pinned to must exist and be the same key right now.
             let kcv = self.pool.master_key_kcv(master).await?;
@@ -658,36 +659,31 @@ impl Service {
         card_uuid: Uuid,
         card_id: CardId,
     ) -> Result<KeyRelease, ServiceError> {
-        let mut event = key_event(ctx, "key.release", request_id, card_uuid, card_id);
-        let result = async {
-            let card = self
-                .bound_card(
-                    ctx.caller,
-                    Permission::ReadKey,
-                    request_id,
-                    card_uuid,
-                    card_id,
-                    &mut event,
-                )
-                .await?;
-            Ok(match self.derive_for(&card, &mut event).await? {
+        let use_ = KeyUse::new(
+            ctx,
+            "key.release",
+            Permission::ReadKey,
+            request_id,
+            card_uuid,
+            card_id,
+        );
+        self.key_job(use_, |keys, hsm, job| {
+            let card = job.bound_card(keys)?;
+            let result = match job.derive(keys, hsm, &card)? {
                 None => KeyRelease::NotDiversified,
                 Some((key, binding)) => KeyRelease::Key {
                     key,
                     master_key_label: binding.master_key_label,
                     version: binding.version,
                 },
-            })
-        }
-        .await;
-        let outcome = match &result {
-            Ok(KeyRelease::Key { .. }) => Some("released"),
-            Ok(KeyRelease::NotDiversified) => Some("default_key"),
-            Err(_) => None,
-        };
-        let uses_key = matches!(result, Ok(KeyRelease::Key { .. }));
-        self.audited(event, result, outcome, uses_key, request_id, card_uuid)
-            .await
+            };
+            let outcome = match result {
+                KeyRelease::Key { .. } => Released::Key("released"),
+                KeyRelease::NotDiversified => Released::Nothing("default_key"),
+            };
+            Ok((result, outcome))
+        })
+        .await
     }
 
     /// The answer to a card's admin challenge (SPEC section 2, authenticationresponse): the
@@ -702,23 +698,21 @@ impl Service {
         challenge: Zeroizing<Vec<u8>>,
         diversified: bool,
     ) -> Result<Vec<u8>, ServiceError> {
-        let mut event = key_event(ctx, "key.authenticate", request_id, card_uuid, card_id);
-        let result = async {
-            let card = self
-                .bound_card(
-                    ctx.caller,
-                    Permission::Authenticate,
-                    request_id,
-                    card_uuid,
-                    card_id,
-                    &mut event,
-                )
-                .await?;
+        let use_ = KeyUse::new(
+            ctx,
+            "key.authenticate",
+            Permission::Authenticate,
+            request_id,
+            card_uuid,
+            card_id,
+        );
+        self.key_job(use_, move |keys, hsm, job| {
+            let card = job.bound_card(keys)?;
             // The challenge must fit the key before any key is touched.
             let key_type = if diversified {
                 card.key.as_ref().map(|b| b.derivation.key_type())
             } else {
-                self.template(&card.template).map(|t| t.key_type)
+                keys.template(&card.template).map(|t| t.key_type)
             };
             if let Some(key_type) = key_type {
                 let expected = if key_type == AdminKeyType::Des3 {
@@ -735,7 +729,7 @@ impl Service {
                 }
             }
             let key = if diversified {
-                match self.derive_for(&card, &mut event).await? {
+                match job.derive(keys, hsm, &card)? {
                     Some((key, _)) => key,
                     None => {
                         return Err(ServiceError::BadInput(
@@ -744,7 +738,7 @@ impl Service {
                     }
                 }
             } else {
-                let template = self.template(&card.template).ok_or_else(|| {
+                let template = keys.template(&card.template).ok_or_else(|| {
                     forbidden(
                         "TemplateNotConfigured",
                         "the card's profile template is not configured",
@@ -754,167 +748,67 @@ impl Service {
                     Zeroizing::new(hex::decode(&template.default_admin_key_hex).map_err(|_| {
                         ServiceError::Internal("default_admin_key_hex is not hex".into())
                     })?);
-                event.algorithm = Some("default-key".into());
+                job.event.algorithm = Some("default-key".into());
                 AdminKey::new(template.key_type, bytes)
             };
-            event.kcv = crate::kcv::admin_key_kcv(&key).map(|k| k.to_string());
-            crate::challenge::respond(&key, &challenge)
-                .map_err(|e| ServiceError::BadInput(e.to_string()))
-        }
-        .await;
-        let outcome = result.as_ref().ok().map(|_| "responded");
-        let uses_key = result.is_ok();
-        self.audited(event, result, outcome, uses_key, request_id, card_uuid)
-            .await
+            job.event.kcv = crate::kcv::admin_key_kcv(&key).map(|k| k.to_string());
+            let response = crate::challenge::respond(&key, &challenge)
+                .map_err(|e| ServiceError::BadInput(e.to_string()))?;
+            Ok((response, Released::Key("responded")))
+        })
+        .await
     }
 
-    /// Writes the audit record of a key use and passes the result on. The record and a last
-    /// look at the request share one write transaction: a request completed or canceled while
-    /// the key was derived gets nothing, and what the trail says happened is what happened.
-    /// If the record cannot be written, nothing made with the key is returned.
-    async fn audited<T: Send + 'static>(
+    /// Runs a key use as one job on an HSM worker: the store read, the derivation and the
+    /// audit record together, so a key request costs one hand-off to the worker and one back.
+    /// A job that never ran (queue full, deadline passed in the queue) is audited here.
+    async fn key_job<T: Send + 'static>(
         &self,
-        mut event: AuditEvent,
-        result: Result<T, ServiceError>,
-        success: Option<&str>,
-        uses_key: bool,
-        request_id: Uuid,
-        card_uuid: Uuid,
+        job: KeyUse,
+        work: impl FnOnce(
+            &KeyRules,
+            &mut KeySession<'_>,
+            &mut KeyUse,
+        ) -> Result<(T, Released), ServiceError>
+        + Send
+        + 'static,
     ) -> Result<T, ServiceError> {
-        event.outcome = match (&result, success) {
-            (Err(e), _) => outcome_of(e),
-            (Ok(_), Some(s)) => s.to_owned(),
-            (Ok(_), None) => "ok".to_owned(),
-        };
-        let outcome = event.outcome.clone();
-        let written = self
-            .write(move |tx| {
-                if uses_key && !still_releasable(tx, &request_id, &card_uuid)? {
-                    event.kcv = None;
-                    event.outcome = "denied:StateChanged".into();
-                    tx.append_audit(&event)?;
-                    return Ok(false);
-                }
-                tx.append_audit(&event)?;
-                Ok(true)
+        let keys = Arc::clone(&self.keys);
+        let unrun = job.event.clone();
+        let ran = self
+            .pool
+            .run(move |hsm| {
+                let mut job = job;
+                let result = work(&keys, hsm, &mut job);
+                let waiting = hsm.caller_waiting();
+                job.record(&keys.store, result, waiting)
             })
             .await;
-        let written = match written {
-            Ok(true) => Ok(()),
-            Ok(false) => {
-                return Err(forbidden(
-                    "RequestNotActive",
-                    "the request or card changed state while the key was derived",
-                ));
-            }
-            Err(e) => Err(e),
-        };
-        match (result, written) {
-            (Ok(done), Ok(())) => Ok(done),
-            (Ok(_withheld), Err(e)) => {
-                tracing::error!(error = %e, outcome, "audit write failed: key withheld");
-                Err(ServiceError::AuditUnavailable(e.to_string()))
-            }
-            (Err(refusal), Err(e)) => {
-                tracing::error!(error = %e, outcome, "audit write failed");
+        match ran {
+            Ok(result) => result,
+            // The worker has the job and audits its outcome.
+            Err(NotAnswered {
+                error,
+                started: true,
+            }) => Err(error.into()),
+            Err(NotAnswered {
+                error,
+                started: false,
+            }) => {
+                let refusal = ServiceError::from(error);
+                let mut event = unrun;
+                event.outcome = outcome_of(&refusal);
+                if let Err(e) = self.record(event).await {
+                    tracing::error!(error = %e, "audit write failed");
+                }
                 Err(refusal)
             }
-            (Err(refusal), Ok(())) => Err(refusal),
         }
     }
 
     /// Appends one audit record.
     pub async fn record(&self, event: AuditEvent) -> Result<(), ServiceError> {
         self.write(move |tx| Ok(tx.append_audit(&event)?)).await
-    }
-
-    /// Steps 2 to 4 of the key decision: the caller's permission on the request's template,
-    /// the request and card known, the request active, the card bound to it and its card ID.
-    async fn bound_card(
-        &self,
-        caller: &Caller,
-        permission: Permission,
-        request_id: Uuid,
-        card_uuid: Uuid,
-        card_id: CardId,
-        event: &mut AuditEvent,
-    ) -> Result<Smartcard, ServiceError> {
-        let (request, card) = self
-            .read(move |tx| Ok((tx.request(&request_id)?, tx.card(&card_uuid)?)))
-            .await?;
-        event.template = request.as_ref().map(|r| r.template);
-        let request = authorize(caller, permission, request, |r| r.template, "request")?;
-        let card = card.ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
-        if !request.status.releases_keys() {
-            return Err(forbidden(
-                "RequestNotActive",
-                format!(
-                    "the request is {}; keys are released for Approved or Executing requests",
-                    request.status.name()
-                ),
-            ));
-        }
-        if !request.binds(&card.uuid) || card.template != request.template {
-            return Err(forbidden(
-                "CardNotBound",
-                "the smart card is not bound to this request",
-            ));
-        }
-        if card.card_id != card_id {
-            return Err(forbidden(
-                "CardIdMismatch",
-                "cardid is not the bound card's card ID",
-            ));
-        }
-        if matches!(
-            card.status,
-            SmartcardStatus::Retired | SmartcardStatus::Disabled
-        ) {
-            return Err(forbidden(
-                "CardNotActive",
-                format!("the smart card is {}", card.status.name()),
-            ));
-        }
-        Ok(card)
-    }
-
-    /// Derives the card's admin key with the master key version and settings pinned to it;
-    /// `None` for a card whose template does not diversify.
-    async fn derive_for(
-        &self,
-        card: &Smartcard,
-        event: &mut AuditEvent,
-    ) -> Result<Option<(AdminKey, KeyBinding)>, ServiceError> {
-        let Some(binding) = card.key.clone() else {
-            return Ok(None);
-        };
-        event.algorithm = Some(binding.derivation.algorithm_name());
-        event.master_key_label = Some(binding.master_key_label.clone());
-        event.master_key_version = Some(binding.version);
-        let master = self
-            .masters
-            .version(&binding.master_key_label, binding.version)
-            .ok_or_else(|| {
-                ServiceError::Internal(format!(
-                    "master key {:?} version {} is not loaded",
-                    binding.master_key_label, binding.version
-                ))
-            })?;
-        if let Some(pinned) = &binding.master_key_kcv
-            && *pinned != master.kcv.to_string()
-        {
-            // Same label and version, another key: deriving would hand the card a wrong key.
-            return Err(ServiceError::Internal(format!(
-                "master key {:?} version {} on the token has KCV {}, the card was issued under KCV {pinned}",
-                binding.master_key_label, binding.version, master.kcv
-            )));
-        }
-        let key = self
-            .pool
-            .derive_admin_key(master, &binding.derivation, card.card_id)
-            .await?;
-        event.kcv = crate::kcv::admin_key_kcv(&key).map(|k| k.to_string());
-        Ok(Some((key, binding)))
     }
 
     /// `PUT /requests/{reqid}/smartcards/{scid}`: sets a bound card's status (Retired,
@@ -1001,7 +895,7 @@ impl Service {
     /// Readiness: a pooled HSM session and the store both answer.
     pub async fn ready(&self) -> Result<(), ServiceError> {
         self.pool.ping().await?;
-        for master in self.masters.all() {
+        for master in self.keys.masters.all() {
             let kcv = self.pool.master_key_kcv(master).await?;
             if kcv != master.kcv {
                 return Err(ServiceError::Internal(format!(
@@ -1012,5 +906,206 @@ impl Service {
         }
         self.read(|_| Ok(())).await?;
         Ok(())
+    }
+}
+
+/// What a key job reads besides its own request: the store, the templates and the loaded
+/// master keys, shared with the HSM workers.
+struct KeyRules {
+    store: Arc<Store>,
+    templates: Vec<Template>,
+    masters: MasterKeys,
+}
+
+impl KeyRules {
+    fn template(&self, id: &Uuid) -> Option<&Template> {
+        self.templates.iter().find(|t| t.uuid == *id)
+    }
+}
+
+/// How a key use that passed every check is audited.
+enum Released {
+    /// A key was used: the record is written only if the request still releases keys.
+    Key(&'static str),
+    /// No key was used (the template does not diversify).
+    Nothing(&'static str),
+}
+
+/// One key request, owned so that it can run on an HSM worker, with its audit record.
+struct KeyUse {
+    caller: Caller,
+    permission: Permission,
+    request_id: Uuid,
+    card_uuid: Uuid,
+    card_id: CardId,
+    event: AuditEvent,
+}
+
+impl KeyUse {
+    fn new(
+        ctx: &CallContext<'_>,
+        action: &str,
+        permission: Permission,
+        request_id: Uuid,
+        card_uuid: Uuid,
+        card_id: CardId,
+    ) -> Self {
+        Self {
+            caller: ctx.caller.clone(),
+            permission,
+            request_id,
+            card_uuid,
+            card_id,
+            event: key_event(ctx, action, request_id, card_uuid, card_id),
+        }
+    }
+
+    /// Steps 2 to 4 of the key decision: the caller's permission on the request's template,
+    /// the request and card known, the request active, the card bound to it and its card ID.
+    fn bound_card(&mut self, keys: &KeyRules) -> Result<Smartcard, ServiceError> {
+        let (request_id, card_uuid) = (self.request_id, self.card_uuid);
+        let (request, card) = keys
+            .store
+            .read(|tx| Ok::<_, ServiceError>((tx.request(&request_id)?, tx.card(&card_uuid)?)))?;
+        self.event.template = request.as_ref().map(|r| r.template);
+        let request = authorize(
+            &self.caller,
+            self.permission,
+            request,
+            |r| r.template,
+            "request",
+        )?;
+        let card = card.ok_or_else(|| ServiceError::NotFound("smart card not found".into()))?;
+        if !request.status.releases_keys() {
+            return Err(forbidden(
+                "RequestNotActive",
+                format!(
+                    "the request is {}; keys are released for Approved or Executing requests",
+                    request.status.name()
+                ),
+            ));
+        }
+        if !request.binds(&card.uuid) || card.template != request.template {
+            return Err(forbidden(
+                "CardNotBound",
+                "the smart card is not bound to this request",
+            ));
+        }
+        if card.card_id != self.card_id {
+            return Err(forbidden(
+                "CardIdMismatch",
+                "cardid is not the bound card's card ID",
+            ));
+        }
+        if matches!(
+            card.status,
+            SmartcardStatus::Retired | SmartcardStatus::Disabled
+        ) {
+            return Err(forbidden(
+                "CardNotActive",
+                format!("the smart card is {}", card.status.name()),
+            ));
+        }
+        Ok(card)
+    }
+
+    /// Derives the card's admin key with the master key version and settings pinned to it;
+    /// `None` for a card whose template does not diversify.
+    fn derive(
+        &mut self,
+        keys: &KeyRules,
+        hsm: &mut KeySession<'_>,
+        card: &Smartcard,
+    ) -> Result<Option<(AdminKey, KeyBinding)>, ServiceError> {
+        let Some(binding) = card.key.clone() else {
+            return Ok(None);
+        };
+        self.event.algorithm = Some(binding.derivation.algorithm_name());
+        self.event.master_key_label = Some(binding.master_key_label.clone());
+        self.event.master_key_version = Some(binding.version);
+        let master = keys
+            .masters
+            .version(&binding.master_key_label, binding.version)
+            .ok_or_else(|| {
+                ServiceError::Internal(format!(
+                    "master key {:?} version {} is not loaded",
+                    binding.master_key_label, binding.version
+                ))
+            })?;
+        if let Some(pinned) = &binding.master_key_kcv
+            && *pinned != master.kcv.to_string()
+        {
+            // Same label and version, another key: deriving would hand the card a wrong key.
+            return Err(ServiceError::Internal(format!(
+                "master key {:?} version {} on the token has KCV {}, the card was issued under KCV {pinned}",
+                binding.master_key_label, binding.version, master.kcv
+            )));
+        }
+        let key = hsm.derive_admin_key(master, &binding.derivation, &card.card_id)?;
+        self.event.kcv = crate::kcv::admin_key_kcv(&key).map(|k| k.to_string());
+        Ok(Some((key, binding)))
+    }
+
+    /// Writes the audit record of the key use and passes the result on. The record and a
+    /// last look at the request share one write transaction: a request completed or canceled
+    /// while the key was derived gets nothing, and what the trail says happened is what
+    /// happened. If the record cannot be written, or the caller stopped waiting (deadline),
+    /// nothing made with the key is returned: it is dropped, and so wiped.
+    ///
+    /// The caller may still give up between this record and the answer; the trail then
+    /// records a release the caller did not receive, never the other way round.
+    fn record<T>(
+        mut self,
+        store: &Store,
+        result: Result<(T, Released), ServiceError>,
+        caller_waiting: bool,
+    ) -> Result<T, ServiceError> {
+        let (result, uses_key) = match result {
+            Ok((_, Released::Key(_))) if !caller_waiting => {
+                self.event.outcome = "withheld:DeadlinePassed".into();
+                (Err(ServiceError::Hsm(HsmError::Timeout)), false)
+            }
+            Ok((done, Released::Key(outcome))) => {
+                self.event.outcome = outcome.to_owned();
+                (Ok(done), true)
+            }
+            Ok((done, Released::Nothing(outcome))) => {
+                self.event.outcome = outcome.to_owned();
+                (Ok(done), false)
+            }
+            Err(e) => {
+                self.event.outcome = outcome_of(&e);
+                (Err(e), false)
+            }
+        };
+        let (request_id, card_uuid) = (self.request_id, self.card_uuid);
+        let mut event = self.event;
+        let outcome = event.outcome.clone();
+        let written = store.write(|tx| {
+            if uses_key && !still_releasable(tx, &request_id, &card_uuid)? {
+                event.kcv = None;
+                event.outcome = "denied:StateChanged".into();
+                tx.append_audit(&event)?;
+                return Ok(false);
+            }
+            tx.append_audit(&event)?;
+            Ok::<_, ServiceError>(true)
+        });
+        match (result, written) {
+            (Ok(done), Ok(true)) => Ok(done),
+            (Ok(_withheld), Ok(false)) => Err(forbidden(
+                "RequestNotActive",
+                "the request or card changed state while the key was derived",
+            )),
+            (Ok(_withheld), Err(e)) => {
+                tracing::error!(error = %e, outcome, "audit write failed: key withheld");
+                Err(ServiceError::AuditUnavailable(e.to_string()))
+            }
+            (Err(refusal), Err(e)) => {
+                tracing::error!(error = %e, outcome, "audit write failed");
+                Err(refusal)
+            }
+            (Err(refusal), Ok(_)) => Err(refusal),
+        }
     }
 }

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 pub use error::HsmError;
 pub use keys::{KeyInfo, MasterKeyRef, MasterKeys, PreparedImport};
-pub use pool::DerivationPool;
+pub use pool::{DerivationPool, KeySession, NotAnswered};
 
 use crate::config::HsmConfig;
 

@@ -3,11 +3,16 @@
 //! HSM calls block; running them here keeps the async runtime's threads free. The queue is
 //! bounded so that a slow HSM turns into fast 503s rather than an unbounded backlog, and a
 //! session that fails with a transport-level error is discarded, never reused.
+//!
+//! A job is a whole unit of work that needs the HSM (the service runs a key request's store
+//! reads, derivation and audit write in one job): one hand-off to a worker and one back,
+//! instead of one per step, is most of what a key request costs besides the HSM itself.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cryptoki::session::Session;
 use tokio::sync::oneshot;
@@ -29,6 +34,108 @@ pub(super) struct WorkerSession<'a> {
 
 /// Runs on a worker's session; returns whether the session must be discarded.
 type Job = Box<dyn FnOnce(Result<WorkerSession<'_>, HsmError>) -> bool + Send>;
+
+/// Who owns a job's outcome: the worker once it starts the job, the caller once it stops
+/// waiting for a job that had not started (the job is then skipped).
+const PENDING: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// A job that gave no answer.
+#[derive(Debug)]
+pub struct NotAnswered {
+    pub error: HsmError,
+    /// Whether a worker started the job (and so did, or will do, what it says, answered or
+    /// not); `false` means it never ran and never will.
+    pub started: bool,
+}
+
+impl From<NotAnswered> for HsmError {
+    fn from(n: NotAnswered) -> Self {
+        n.error
+    }
+}
+
+/// A pooled session as a job sees it. Each HSM call is timed and counted; a call that fails
+/// at the transport level marks the session for discarding once the job ends.
+pub struct KeySession<'a> {
+    session: Option<WorkerSession<'a>>,
+    /// Why there is no session (the HSM is down or reconnecting).
+    unavailable: Option<HsmError>,
+    poisoned: bool,
+    metrics: &'a HsmMetrics,
+    answer: &'a oneshot::Sender<()>,
+}
+
+impl KeySession<'_> {
+    fn call<T>(
+        &mut self,
+        f: impl FnOnce(&WorkerSession<'_>) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let Some(ws) = self.session.as_ref() else {
+            return Err(self.unavailable.take().unwrap_or(HsmError::Reconnecting));
+        };
+        let m = self.metrics;
+        m.sessions_busy.inc();
+        let started = Instant::now();
+        let result = f(ws);
+        m.latency.observe(started.elapsed().as_secs_f64());
+        m.sessions_busy.dec();
+        let label = result.as_ref().err().map_or("ok", outcome);
+        m.calls.get_or_create(&HsmLabels { outcome: label }).inc();
+        if result.as_ref().err().is_some_and(HsmError::poisons_session) {
+            self.poisoned = true;
+        }
+        result
+    }
+
+    /// Derives `card`'s admin key under `master` inside the HSM.
+    pub fn derive_admin_key(
+        &mut self,
+        master: &MasterKeyRef,
+        derivation: &Derivation,
+        card: &CardId,
+    ) -> Result<AdminKey, HsmError> {
+        self.call(|ws| {
+            let key = ws.hsm.handle_in(master, ws.generation)?;
+            derive_admin_key(
+                &mut SessionPrf {
+                    session: ws.session,
+                    key,
+                },
+                derivation,
+                card,
+            )
+        })
+    }
+
+    /// The check value of a master key, computed now: proves that the key is there, usable,
+    /// and still the same key.
+    pub fn master_key_kcv(&mut self, master: &MasterKeyRef) -> Result<Kcv, HsmError> {
+        self.call(|ws| {
+            let key = ws.hsm.handle_in(master, ws.generation)?;
+            aes_kcv(&mut SessionPrf {
+                session: ws.session,
+                key,
+            })
+        })
+    }
+
+    /// Whether the session answers.
+    pub fn ping(&mut self) -> Result<(), HsmError> {
+        self.call(|ws| {
+            ws.session
+                .get_session_info()
+                .map(|_| ())
+                .map_err(HsmError::from)
+        })
+    }
+
+    /// Whether the caller still waits for the answer (it gives up at the deadline).
+    pub fn caller_waiting(&self) -> bool {
+        !self.answer.is_closed()
+    }
+}
 
 pub struct DerivationPool {
     jobs: Option<SyncSender<Job>>,
@@ -76,48 +183,86 @@ impl DerivationPool {
         })
     }
 
-    /// Runs `f` on a pooled session within the deadline.
-    async fn run<T: Send + 'static>(
+    /// Runs `f` on a pooled session and waits for its answer until the deadline. A full
+    /// queue refuses at once; a job whose caller stopped waiting before it started is
+    /// skipped.
+    pub async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&WorkerSession<'_>) -> Result<T, HsmError> + Send + 'static,
-    ) -> Result<T, HsmError> {
+        f: impl FnOnce(&mut KeySession<'_>) -> T + Send + 'static,
+    ) -> Result<T, NotAnswered> {
         let (tx, rx) = oneshot::channel();
+        let (answer, answered) = oneshot::channel::<()>();
+        let claim = Arc::new(AtomicU8::new(PENDING));
         let m = Arc::clone(&self.metrics);
+        let job_claim = Arc::clone(&claim);
         let job: Job = Box::new(move |session| {
             m.queue_depth.dec();
-            m.sessions_busy.inc();
-            let started = std::time::Instant::now();
-            let result = session.and_then(|ws| f(&ws));
-            m.latency.observe(started.elapsed().as_secs_f64());
-            m.sessions_busy.dec();
-            let discard = result.as_ref().err().is_some_and(HsmError::poisons_session);
-            let label = result.as_ref().err().map_or("ok", outcome);
-            m.calls.get_or_create(&HsmLabels { outcome: label }).inc();
-            let _ = tx.send(result);
+            if job_claim
+                .compare_exchange(PENDING, STARTED, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                return false;
+            }
+            let (session, unavailable) = match session {
+                Ok(ws) => (Some(ws), None),
+                Err(e) => (None, Some(e)),
+            };
+            let mut ks = KeySession {
+                session,
+                unavailable,
+                poisoned: false,
+                metrics: &m,
+                answer: &answer,
+            };
+            let value = f(&mut ks);
+            let discard = ks.poisoned;
+            let _ = tx.send(value);
             discard
         });
-        let refused = |e: HsmError| {
+        let not_run = |error: HsmError| {
             self.metrics
                 .calls
                 .get_or_create(&HsmLabels {
-                    outcome: outcome(&e),
+                    outcome: outcome(&error),
                 })
                 .inc();
-            e
+            NotAnswered {
+                error,
+                started: false,
+            }
         };
-        let jobs = self.jobs.as_ref().ok_or(HsmError::Busy).map_err(refused)?;
+        let Some(jobs) = self.jobs.as_ref() else {
+            return Err(not_run(HsmError::Busy));
+        };
         self.metrics.queue_depth.inc();
         if let Err(e) = jobs.try_send(job) {
             self.metrics.queue_depth.dec();
-            return Err(refused(match e {
+            return Err(not_run(match e {
                 TrySendError::Full(_) => HsmError::Busy,
                 TrySendError::Disconnected(_) => HsmError::Other("HSM workers stopped".into()),
             }));
         }
-        match tokio::time::timeout(self.deadline, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(HsmError::Other("HSM worker ended without answer".into())),
-            Err(_) => Err(refused(HsmError::Timeout)),
+        let result = tokio::time::timeout(self.deadline, rx).await;
+        // Tells a running job that nobody waits any more (it checks before it commits).
+        drop(answered);
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(_)) => Err(NotAnswered {
+                error: HsmError::Other("HSM worker ended without answer".into()),
+                started: true,
+            }),
+            Err(_) => {
+                let started = claim
+                    .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_err();
+                if !started {
+                    return Err(not_run(HsmError::Timeout));
+                }
+                Err(NotAnswered {
+                    error: HsmError::Timeout,
+                    started,
+                })
+            }
         }
     }
 
@@ -128,39 +273,20 @@ impl DerivationPool {
         derivation: &Derivation,
         card: CardId,
     ) -> Result<AdminKey, HsmError> {
-        let key = master.clone();
-        let derivation = derivation.clone();
-        self.run(move |ws| {
-            let key = ws.hsm.handle_in(&key, ws.generation)?;
-            let session = ws.session;
-            derive_admin_key(&mut SessionPrf { session, key }, &derivation, &card)
-        })
-        .await
+        let (key, derivation) = (master.clone(), derivation.clone());
+        self.run(move |ks| ks.derive_admin_key(&key, &derivation, &card))
+            .await?
     }
 
-    /// The check value of a master key, computed now on a pooled session: proves that the
-    /// key is there, usable, and still the same key.
+    /// The check value of a master key, computed now on a pooled session.
     pub async fn master_key_kcv(&self, master: &MasterKeyRef) -> Result<Kcv, HsmError> {
         let key = master.clone();
-        self.run(move |ws| {
-            let key = ws.hsm.handle_in(&key, ws.generation)?;
-            aes_kcv(&mut SessionPrf {
-                session: ws.session,
-                key,
-            })
-        })
-        .await
+        self.run(move |ks| ks.master_key_kcv(&key)).await?
     }
 
     /// Whether a pooled session answers (for readiness).
     pub async fn ping(&self) -> Result<(), HsmError> {
-        self.run(|ws| {
-            ws.session
-                .get_session_info()
-                .map(|_| ())
-                .map_err(HsmError::from)
-        })
-        .await
+        self.run(|ks| ks.ping()).await?
     }
 
     /// Stops taking work, lets the workers finish what is queued and closes their sessions.
