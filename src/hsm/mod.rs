@@ -80,12 +80,36 @@ impl<'a> PinSource<'a> {
 
 /// One initialisation of the PKCS#11 library with its logged-in session. Replaced as a whole
 /// when the HSM comes back after an outage.
-struct Live {
+pub(super) struct Live {
     ctx: Pkcs11,
     slot: Slot,
     /// Holds the login; also used for one-off management calls.
     login_session: Mutex<Option<Session>>,
     generation: u64,
+    /// Held (shared) by every call into this generation. C_Finalize while another thread is
+    /// inside a call is undefined behaviour (p11-kit's client aborts), so a generation that
+    /// was taken down is finalized only once this can be taken exclusively; nobody ever
+    /// waits for it exclusively, so nested shared holds cannot deadlock.
+    calls: std::sync::RwLock<()>,
+    /// Taken down: no new call may enter.
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Live {
+    /// Enters a call on this generation: holds off its finalization until the guard drops.
+    /// `None` once the generation was taken down.
+    pub(super) fn enter(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
+        let guard = self.calls.read().ok()?;
+        (!self.down.load(std::sync::atomic::Ordering::Acquire)).then_some(guard)
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(super) fn is_down(&self) -> bool {
+        self.down.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// A logged-in PKCS#11 token that heals: after a transport-level failure the library is
@@ -96,6 +120,8 @@ pub struct Hsm {
     token_label: String,
     pin: PinSpec,
     live: std::sync::RwLock<Option<std::sync::Arc<Live>>>,
+    /// The generation taken down last, until no call is inside it and it is finalized.
+    retired: Mutex<Option<std::sync::Arc<Live>>>,
     generation: std::sync::atomic::AtomicU64,
     last_attempt: Mutex<Option<std::time::Instant>>,
     pin_refused: std::sync::atomic::AtomicBool,
@@ -136,6 +162,7 @@ impl Hsm {
             token_label: config.token_label.clone(),
             pin,
             live: std::sync::RwLock::new(None),
+            retired: Mutex::new(None),
             generation: std::sync::atomic::AtomicU64::new(1),
             last_attempt: Mutex::new(None),
             pin_refused: std::sync::atomic::AtomicBool::new(false),
@@ -172,6 +199,8 @@ impl Hsm {
                 slot,
                 login_session: Mutex::new(Some(session)),
                 generation,
+                calls: std::sync::RwLock::new(()),
+                down: std::sync::atomic::AtomicBool::new(false),
             }),
             Err(e) => {
                 let _ = ctx.finalize();
@@ -216,6 +245,11 @@ impl Hsm {
         if last.is_some_and(|t| t.elapsed() < RECONNECT_BACKOFF) {
             return Err(HsmError::Reconnecting);
         }
+        // The library cannot be initialised again before the old generation is finalized,
+        // and that waits for the calls still inside it.
+        if !self.finalize_retired() {
+            return Err(HsmError::Reconnecting);
+        }
         *last = Some(std::time::Instant::now());
         let generation = self.generation() + 1;
         match self.connect(generation) {
@@ -245,35 +279,68 @@ impl Hsm {
         }
     }
 
-    /// Takes a generation down after a transport-level failure: its sessions are abandoned
-    /// (not closed: after C_Finalize their handle numbers may belong to new sessions) and the
-    /// library is finalized, so the next call initialises it again.
+    /// Takes a generation down after a transport-level failure: no new call enters it, its
+    /// sessions are abandoned (not closed: after C_Finalize their handle numbers may belong to
+    /// new sessions) and the library is finalized as soon as no call is inside it any more,
+    /// so that a later call initialises it again.
     pub(crate) fn mark_down(&self, generation: u64) {
-        let Ok(mut slot) = self.live.write() else {
+        let live = {
+            let Ok(mut slot) = self.live.write() else {
+                return;
+            };
+            if slot.as_ref().is_none_or(|l| l.generation != generation) {
+                return;
+            }
+            slot.take()
+        };
+        let Some(live) = live else {
             return;
         };
-        if slot.as_ref().is_none_or(|l| l.generation != generation) {
-            return;
+        live.down.store(true, std::sync::atomic::Ordering::Release);
+        if let Ok(mut retired) = self.retired.lock() {
+            *retired = Some(live);
         }
-        if let Some(live) = slot.take() {
+        let finalized = self.finalize_retired();
+        tracing::warn!(
+            generation,
+            finalized,
+            "HSM unavailable: sessions abandoned, library finalized"
+        );
+    }
+
+    /// Finalizes the generation taken down last if no call is inside it. Returns whether no
+    /// generation is left waiting to be finalized.
+    fn finalize_retired(&self) -> bool {
+        let Ok(mut retired) = self.retired.lock() else {
+            return false;
+        };
+        let Some(live) = retired.as_ref() else {
+            return true;
+        };
+        {
+            let Ok(_alone) = live.calls.try_write() else {
+                return false;
+            };
             if let Ok(mut login) = live.login_session.lock()
                 && let Some(session) = login.take()
             {
                 std::mem::forget(session);
             }
             let _ = live.ctx.clone().finalize();
-            tracing::warn!(
-                generation,
-                "HSM unavailable: sessions abandoned, library finalized"
-            );
         }
+        *retired = None;
+        true
     }
 
     /// A new read-only working session of the current generation; it shares the login.
-    fn open_session(&self) -> Result<(Session, u64), HsmError> {
+    fn open_session(&self) -> Result<(Session, std::sync::Arc<Live>), HsmError> {
         let live = self.live()?;
-        match live.ctx.open_ro_session(live.slot) {
-            Ok(session) => Ok((session, live.generation)),
+        let opened = {
+            let _in_call = live.enter().ok_or(HsmError::Reconnecting)?;
+            live.ctx.open_ro_session(live.slot)
+        };
+        match opened {
+            Ok(session) => Ok((session, live)),
             Err(e) => {
                 let e = HsmError::from(e);
                 if e.poisons_session() {
@@ -291,6 +358,7 @@ impl Hsm {
     ) -> Result<T, HsmError> {
         let live = self.live()?;
         let result = {
+            let _in_call = live.enter().ok_or(HsmError::Reconnecting)?;
             let guard = live
                 .login_session
                 .lock()
@@ -309,6 +377,7 @@ impl Hsm {
     /// Logs out, closes the login session and finalizes the library.
     pub fn close(self) -> Result<(), HsmError> {
         let live = self.live.write().ok().and_then(|mut l| l.take());
+        self.finalize_retired();
         let Some(live) = live else {
             return Ok(());
         };

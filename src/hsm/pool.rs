@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use crate::metrics::{HsmLabels, HsmMetrics};
 
 use super::keys::SessionPrf;
-use super::{Hsm, HsmError, MasterKeyRef};
+use super::{Hsm, HsmError, Live, MasterKeyRef};
 use crate::diversify::{AdminKey, Derivation, Kcv, aes_kcv, derive_admin_key};
 use crate::domain::CardId;
 
@@ -301,27 +301,30 @@ impl DerivationPool {
 fn worker(
     hsm: &Hsm,
     jobs: &Mutex<Receiver<Job>>,
-    mut session: Option<(Session, u64)>,
+    mut session: Option<(Session, Arc<Live>)>,
     metrics: &HsmMetrics,
 ) {
+    // A session of a generation that was taken down is abandoned, never closed: after
+    // C_Finalize its handle number may belong to a new session.
+    let abandon = |session: &mut Option<(Session, Arc<Live>)>| {
+        if let Some((old, _)) = session.take() {
+            std::mem::forget(old);
+            metrics.sessions.dec();
+        }
+    };
     loop {
         let job = match jobs.lock() {
             Ok(rx) => match rx.recv() {
                 Ok(job) => job,
-                Err(_) => return,
+                Err(_) => break,
             },
-            Err(_) => return,
+            Err(_) => break,
         };
-        // A session of a generation that was taken down is abandoned, never closed: after
-        // C_Finalize its handle number may belong to a new session.
         if session
             .as_ref()
-            .is_some_and(|(_, generation)| *generation != hsm.generation())
+            .is_some_and(|(_, live)| live.is_down() || live.generation() != hsm.generation())
         {
-            if let Some((old, _)) = session.take() {
-                std::mem::forget(old);
-            }
-            metrics.sessions.dec();
+            abandon(&mut session);
         }
         if session.is_none() {
             match hsm.open_session() {
@@ -335,24 +338,32 @@ fn worker(
                 }
             }
         }
-        let Some((current, generation)) = session.as_ref() else {
+        let Some((current, live)) = session.as_ref() else {
             job(Err(HsmError::Busy));
             continue;
         };
-        let generation = *generation;
-        let discard = job(Ok(WorkerSession {
-            session: current,
-            generation,
-            hsm,
-        }));
+        let generation = live.generation();
+        // Holds off the generation's C_Finalize while the job runs in it.
+        let discard = {
+            let Some(_in_call) = live.enter() else {
+                job(Err(HsmError::Reconnecting));
+                abandon(&mut session);
+                continue;
+            };
+            job(Ok(WorkerSession {
+                session: current,
+                generation,
+                hsm,
+            }))
+        };
         if discard {
             // The failure says the HSM (not just this session) is gone: take the whole
             // generation down so that the next call re-establishes it.
             hsm.mark_down(generation);
-            if let Some((old, _)) = session.take() {
-                std::mem::forget(old);
-            }
-            metrics.sessions.dec();
+            abandon(&mut session);
         }
+    }
+    if session.as_ref().is_some_and(|(_, live)| live.is_down()) {
+        abandon(&mut session);
     }
 }

@@ -187,7 +187,7 @@ impl Server {
         Self::try_start_with_env(token, config, &[])
     }
 
-    /// Starts the server with extra environment variables (e.g. a PKCS#11 shim's settings).
+    /// Starts the server with extra environment variables (e.g. `P11_KIT_SERVER_ADDRESS`).
     pub fn start_with_env(token: &TestToken, config: &Path, env: &[(&str, &str)]) -> Self {
         Self::try_start_with_env(token, config, env)
             .unwrap_or_else(|log| panic!("server did not start:\n{log}"))
