@@ -241,6 +241,18 @@ fn card_row(row: &Row) -> rusqlite::Result<Smartcard> {
 /// Typed queries inside one transaction.
 pub struct Tx<'a>(&'a Connection);
 
+/// Rolls back the transaction if it is still open when dropped: an error, a failed
+/// commit or a panic inside the closure leaves nothing half-written behind.
+struct OpenTx<'a>(&'a Connection);
+
+impl Drop for OpenTx<'_> {
+    fn drop(&mut self) {
+        if !self.0.is_autocommit() {
+            let _ = self.0.execute_batch("ROLLBACK");
+        }
+    }
+}
+
 impl Tx<'_> {
     pub fn request(&self, id: &Uuid) -> Result<Option<Request>, StoreError> {
         Ok(self
@@ -496,7 +508,8 @@ impl Tx<'_> {
         let id = last_id + 1;
         let time: String = self
             .0
-            .query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))?;
+            .prepare_cached(&format!("SELECT {NOW}"))?
+            .query_row([], |r| r.get(0))?;
         let hash = chain_hash(&prev, id, &time, e);
         self.0
             .prepare_cached(&format!(
@@ -560,12 +573,22 @@ impl Store {
         behavior: TransactionBehavior,
         f: impl FnOnce(&Tx) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
-        let tx = conn
-            .transaction_with_behavior(behavior)
+        let conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        // Cached BEGIN/COMMIT: on the key path every request runs two transactions, and
+        // parsing them anew each time is measurable.
+        let begin = match behavior {
+            TransactionBehavior::Immediate => "BEGIN IMMEDIATE",
+            TransactionBehavior::Exclusive => "BEGIN EXCLUSIVE",
+            _ => "BEGIN DEFERRED",
+        };
+        conn.prepare_cached(begin)
+            .and_then(|mut s| s.execute([]))
             .map_err(StoreError::from)?;
-        let out = f(&Tx(&tx))?;
-        tx.commit().map_err(StoreError::from)?;
+        let _open = OpenTx(&conn);
+        let out = f(&Tx(&conn))?;
+        conn.prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]))
+            .map_err(StoreError::from)?;
         Ok(out)
     }
 
@@ -621,4 +644,36 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(outcome: &str) -> AuditEvent {
+        AuditEvent {
+            action: "test".into(),
+            outcome: outcome.into(),
+            ..AuditEvent::default()
+        }
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_and_the_store_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        store.write(|tx| tx.append_audit(&event("first"))).unwrap();
+        let failed: Result<(), StoreError> = store.write(|tx| {
+            tx.append_audit(&event("rolled back"))?;
+            Err(StoreError::Corrupt("refused".into()))
+        });
+        assert!(failed.is_err());
+        // The connection is back in autocommit: the next transactions begin and commit.
+        store.write(|tx| tx.append_audit(&event("second"))).unwrap();
+        let records = store.read(|tx| tx.audit_records(None)).unwrap();
+        let outcomes: Vec<_> = records.iter().map(|r| r.event.outcome.as_str()).collect();
+        assert_eq!(outcomes, ["first", "second"]);
+        assert_eq!(records[1].prev_hash, records[0].hash);
+        assert_eq!(records[1].id, 2);
+    }
 }
