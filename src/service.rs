@@ -775,14 +775,30 @@ impl Service {
     ) -> Result<T, ServiceError> {
         let keys = Arc::clone(&self.keys);
         let unrun = job.event.clone();
+        let (after, mut undelivered) = (Arc::clone(&self.keys), job.event.clone());
         let ran = self
             .pool
-            .run(move |hsm| {
-                let mut job = job;
-                let result = work(&keys, hsm, &mut job);
-                let waiting = hsm.caller_waiting();
-                job.record(&keys.store, result, waiting)
-            })
+            .run_or(
+                move |hsm| {
+                    let mut job = job;
+                    let result = work(&keys, hsm, &mut job);
+                    let waiting = hsm.caller_waiting();
+                    job.record(&keys.store, result, waiting)
+                },
+                // The caller left before the answer was handed over (deadline, dropped
+                // connection): a release already recorded gets a record saying so, and a
+                // job that panicked one saying it failed.
+                move |answer: Option<Result<T, ServiceError>>| {
+                    undelivered.outcome = match answer {
+                        Some(Ok(_)) => "withheld:CallerGone".into(),
+                        Some(Err(_)) => return,
+                        None => "error".into(),
+                    };
+                    if let Err(e) = after.store.write(|tx| tx.append_audit(&undelivered)) {
+                        tracing::error!(error = %e, "audit write failed");
+                    }
+                },
+            )
             .await;
         match ran {
             Ok(result) => result,

@@ -20,8 +20,6 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("store: corrupt row: {0}")]
     Corrupt(String),
-    #[error("store: lock poisoned")]
-    Poisoned,
 }
 
 /// Schema steps; `PRAGMA user_version` records how many ran.
@@ -573,7 +571,16 @@ impl Store {
         behavior: TransactionBehavior,
         f: impl FnOnce(&Tx) -> Result<T, E>,
     ) -> Result<T, E> {
-        let conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        // A panic inside a transaction poisons the lock but leaves nothing half-done (the
+        // guard below rolled it back), so the connection stays usable.
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !conn.is_autocommit() {
+            // A rollback that failed earlier: clear it before starting anew.
+            conn.execute_batch("ROLLBACK").map_err(StoreError::from)?;
+        }
         // Cached BEGIN/COMMIT: on the key path every request runs two transactions, and
         // parsing them anew each time is measurable.
         let begin = match behavior {
@@ -622,7 +629,10 @@ impl Store {
 
     /// Whether the database answers (for readiness).
     pub fn ping(&self) -> Result<(), StoreError> {
-        let conn = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         conn.query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
     }

@@ -598,13 +598,19 @@ impl Hsm {
             return Ok(key.handle);
         }
         let id = (key.label.clone(), key.version);
-        let mut cache = self
-            .handles
-            .lock()
-            .map_err(|_| HsmError::Other("handle cache lock poisoned".into()))?;
-        if let Some((_, _, handle)) = cache.iter().find(|(k, g, _)| *k == id && *g == generation) {
+        let lock = || {
+            self.handles
+                .lock()
+                .map_err(|_| HsmError::Other("handle cache lock poisoned".into()))
+        };
+        if let Some((_, _, handle)) = lock()?
+            .iter()
+            .find(|(k, g, _)| *k == id && *g == generation)
+        {
             return Ok(*handle);
         }
+        // Looked up without the cache lock: a lookup that hangs in the HSM holds its own
+        // worker only.
         let found = self.master_key_version(&key.label, key.version)?;
         if found.kcv != key.kcv {
             return Err(HsmError::MasterKey {
@@ -615,7 +621,8 @@ impl Hsm {
                 ),
             });
         }
-        cache.retain(|(_, g, _)| *g >= generation);
+        let mut cache = lock()?;
+        cache.retain(|(k, g, _)| *g >= generation && !(*k == id && *g == found.generation));
         cache.push((id, found.generation, found.handle));
         Ok(found.handle)
     }

@@ -255,11 +255,12 @@ impl Hsm {
         match self.connect(generation) {
             Ok(live) => {
                 let live = std::sync::Arc::new(live);
+                // The number first: whoever sees the new generation also sees its number.
+                self.generation
+                    .store(generation, std::sync::atomic::Ordering::Release);
                 if let Ok(mut slot) = self.live.write() {
                     *slot = Some(std::sync::Arc::clone(&live));
                 }
-                self.generation
-                    .store(generation, std::sync::atomic::Ordering::Release);
                 tracing::info!(
                     generation,
                     "HSM re-established: library initialised, logged in"
@@ -284,6 +285,11 @@ impl Hsm {
     /// new sessions) and the library is finalized as soon as no call is inside it any more,
     /// so that a later call initialises it again.
     pub(crate) fn mark_down(&self, generation: u64) {
+        // Held throughout, so that a reconnect never finds the generation neither live nor
+        // retired (and initialises a library that was not finalized).
+        let Ok(mut retired) = self.retired.lock() else {
+            return;
+        };
         let live = {
             let Ok(mut slot) = self.live.write() else {
                 return;
@@ -297,10 +303,9 @@ impl Hsm {
             return;
         };
         live.down.store(true, std::sync::atomic::Ordering::Release);
-        if let Ok(mut retired) = self.retired.lock() {
-            *retired = Some(live);
-        }
-        let finalized = self.finalize_retired();
+        *retired = Some(live);
+        let finalized = finalize(&mut retired);
+        drop(retired);
         tracing::warn!(
             generation,
             finalized,
@@ -314,22 +319,7 @@ impl Hsm {
         let Ok(mut retired) = self.retired.lock() else {
             return false;
         };
-        let Some(live) = retired.as_ref() else {
-            return true;
-        };
-        {
-            let Ok(_alone) = live.calls.try_write() else {
-                return false;
-            };
-            if let Ok(mut login) = live.login_session.lock()
-                && let Some(session) = login.take()
-            {
-                std::mem::forget(session);
-            }
-            let _ = live.ctx.clone().finalize();
-        }
-        *retired = None;
-        true
+        finalize(&mut retired)
     }
 
     /// A new read-only working session of the current generation; it shares the login.
@@ -389,6 +379,26 @@ impl Hsm {
         live.ctx.clone().finalize()?;
         Ok(())
     }
+}
+
+/// Finalizes `retired` if no call is inside it; whether none is left to finalize.
+fn finalize(retired: &mut Option<std::sync::Arc<Live>>) -> bool {
+    let Some(live) = retired.as_ref() else {
+        return true;
+    };
+    {
+        let Ok(_alone) = live.calls.try_write() else {
+            return false;
+        };
+        if let Ok(mut login) = live.login_session.lock()
+            && let Some(session) = login.take()
+        {
+            std::mem::forget(session);
+        }
+        let _ = live.ctx.clone().finalize();
+    }
+    *retired = None;
+    true
 }
 
 fn find_token(ctx: &Pkcs11, label: &str) -> Result<Slot, HsmError> {

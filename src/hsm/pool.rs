@@ -1,8 +1,10 @@
 //! A fixed set of threads, each owning one working session, fed by a bounded queue.
 //!
 //! HSM calls block; running them here keeps the async runtime's threads free. The queue is
-//! bounded so that a slow HSM turns into fast 503s rather than an unbounded backlog, and a
-//! session that fails with a transport-level error is discarded, never reused.
+//! bounded so that a slow HSM turns into fast 503s rather than an unbounded backlog. A session
+//! on which a call fails is never reused: a transport-level failure takes the whole
+//! initialisation down (see [`Hsm::mark_down`]), any other failed call closes the session and
+//! the worker opens a fresh one.
 //!
 //! A job is a whole unit of work that needs the HSM (the service runs a key request's store
 //! reads, derivation and audit write in one job): one hand-off to a worker and one back,
@@ -32,21 +34,37 @@ pub(super) struct WorkerSession<'a> {
     pub hsm: &'a Hsm,
 }
 
-/// Runs on a worker's session; returns whether the session must be discarded.
-type Job = Box<dyn FnOnce(Result<WorkerSession<'_>, HsmError>) -> bool + Send>;
+/// What becomes of a worker's session after a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SessionFate {
+    Keep,
+    /// A call on it failed: close it, open another for the next job.
+    Close,
+    /// The HSM is unreachable: take the whole initialisation down.
+    TakeDown,
+}
 
-/// Who owns a job's outcome: the worker once it starts the job, the caller once it stops
-/// waiting for a job that had not started (the job is then skipped).
+/// Runs on a worker's session; says what becomes of the session.
+type Job = Box<dyn FnOnce(Result<WorkerSession<'_>, HsmError>) -> SessionFate + Send>;
+
+/// Who accounts for a job (audits it): the worker once it starts the job; the caller if it
+/// stops waiting before the job started (the job is then skipped), or if the job panicked
+/// while it waited; the worker again if the caller left a started job that then panicked.
 const PENDING: u8 = 0;
 const STARTED: u8 = 1;
+/// The caller left before the job started.
 const ABANDONED: u8 = 2;
+/// The caller left after the job started.
+const LEFT: u8 = 3;
+/// The job panicked while its caller waited.
+const PANICKED: u8 = 4;
 
 /// A job that gave no answer.
 #[derive(Debug)]
 pub struct NotAnswered {
     pub error: HsmError,
-    /// Whether a worker started the job (and so did, or will do, what it says, answered or
-    /// not); `false` means it never ran and never will.
+    /// Whether a worker ran the job to its end (so it did what it says, answered or not);
+    /// `false` means it did not and never will: the caller accounts for it.
     pub started: bool,
 }
 
@@ -62,7 +80,7 @@ pub struct KeySession<'a> {
     session: Option<WorkerSession<'a>>,
     /// Why there is no session (the HSM is down or reconnecting).
     unavailable: Option<HsmError>,
-    poisoned: bool,
+    fate: SessionFate,
     metrics: &'a HsmMetrics,
     answer: &'a oneshot::Sender<()>,
 }
@@ -83,8 +101,15 @@ impl KeySession<'_> {
         m.sessions_busy.dec();
         let label = result.as_ref().err().map_or("ok", outcome);
         m.calls.get_or_create(&HsmLabels { outcome: label }).inc();
-        if result.as_ref().err().is_some_and(HsmError::poisons_session) {
-            self.poisoned = true;
+        if let Err(e) = &result {
+            let fate = if e.poisons_session() {
+                SessionFate::TakeDown
+            } else if matches!(e, HsmError::Failed { .. }) {
+                SessionFate::Close
+            } else {
+                SessionFate::Keep
+            };
+            self.fate = self.fate.max(fate);
         }
         result
     }
@@ -190,6 +215,17 @@ impl DerivationPool {
         &self,
         f: impl FnOnce(&mut KeySession<'_>) -> T + Send + 'static,
     ) -> Result<T, NotAnswered> {
+        self.run_or(f, drop).await
+    }
+
+    /// [`Self::run`], and if the caller is gone when the job's value is ready (deadline
+    /// passed, request dropped), the worker hands the value to `undelivered` instead, or
+    /// `None` if the job panicked after its caller left.
+    pub async fn run_or<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut KeySession<'_>) -> T + Send + 'static,
+        undelivered: impl FnOnce(Option<T>) + Send + 'static,
+    ) -> Result<T, NotAnswered> {
         let (tx, rx) = oneshot::channel();
         let (answer, answered) = oneshot::channel::<()>();
         let claim = Arc::new(AtomicU8::new(PENDING));
@@ -201,7 +237,7 @@ impl DerivationPool {
                 .compare_exchange(PENDING, STARTED, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
             {
-                return false;
+                return SessionFate::Keep;
             }
             let (session, unavailable) = match session {
                 Ok(ws) => (Some(ws), None),
@@ -210,14 +246,32 @@ impl DerivationPool {
             let mut ks = KeySession {
                 session,
                 unavailable,
-                poisoned: false,
+                fate: SessionFate::Keep,
                 metrics: &m,
                 answer: &answer,
             };
-            let value = f(&mut ks);
-            let discard = ks.poisoned;
-            let _ = tx.send(value);
-            discard
+            // A panic in a job must not take the worker thread with it; the session it was
+            // using is not trusted again.
+            let value = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut ks)));
+            let fate = ks.fate;
+            match value {
+                Ok(value) => {
+                    if let Err(value) = tx.send(value) {
+                        undelivered(Some(value));
+                    }
+                    fate
+                }
+                Err(_) => {
+                    tracing::error!("HSM job panicked; its session is closed");
+                    let caller_waits = job_claim
+                        .compare_exchange(STARTED, PANICKED, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok();
+                    if !caller_waits {
+                        undelivered(None);
+                    }
+                    fate.max(SessionFate::Close)
+                }
+            }
         });
         let not_run = |error: HsmError| {
             self.metrics
@@ -242,27 +296,38 @@ impl DerivationPool {
                 TrySendError::Disconnected(_) => HsmError::Other("HSM workers stopped".into()),
             }));
         }
-        let result = tokio::time::timeout(self.deadline, rx).await;
+        let mut rx = rx;
+        let result = tokio::time::timeout(self.deadline, &mut rx).await;
         // Tells a running job that nobody waits any more (it checks before it commits).
         drop(answered);
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(_)) => Err(NotAnswered {
-                error: HsmError::Other("HSM worker ended without answer".into()),
-                started: true,
-            }),
+        let error = match result {
+            Ok(Ok(value)) => return Ok(value),
+            // Dropped unanswered: never run (workers gone) or panicked.
+            Ok(Err(_)) => HsmError::Other("HSM worker ended without answer".into()),
             Err(_) => {
-                let started = claim
-                    .compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_err();
-                if !started {
-                    return Err(not_run(HsmError::Timeout));
+                // A value sent just as the deadline passed is taken, not lost unaccounted.
+                rx.close();
+                if let Ok(value) = rx.try_recv() {
+                    return Ok(value);
                 }
-                Err(NotAnswered {
-                    error: HsmError::Timeout,
-                    started,
-                })
+                HsmError::Timeout
             }
+        };
+        let worker_accounts =
+            match claim.compare_exchange(PENDING, ABANDONED, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => false,
+                Err(STARTED) => claim
+                    .compare_exchange(STARTED, LEFT, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok(),
+                Err(_) => false,
+            };
+        if worker_accounts {
+            Err(NotAnswered {
+                error,
+                started: true,
+            })
+        } else {
+            Err(not_run(error))
         }
     }
 
@@ -320,10 +385,7 @@ fn worker(
             },
             Err(_) => break,
         };
-        if session
-            .as_ref()
-            .is_some_and(|(_, live)| live.is_down() || live.generation() != hsm.generation())
-        {
+        if session.as_ref().is_some_and(|(_, live)| live.is_down()) {
             abandon(&mut session);
         }
         if session.is_none() {
@@ -344,7 +406,7 @@ fn worker(
         };
         let generation = live.generation();
         // Holds off the generation's C_Finalize while the job runs in it.
-        let discard = {
+        let fate = {
             let Some(_in_call) = live.enter() else {
                 job(Err(HsmError::Reconnecting));
                 abandon(&mut session);
@@ -356,14 +418,29 @@ fn worker(
                 hsm,
             }))
         };
-        if discard {
-            // The failure says the HSM (not just this session) is gone: take the whole
-            // generation down so that the next call re-establishes it.
-            hsm.mark_down(generation);
-            abandon(&mut session);
+        match fate {
+            SessionFate::Keep => {}
+            SessionFate::Close => close(&mut session, metrics),
+            SessionFate::TakeDown => {
+                // The failure says the HSM (not just this session) is gone: take the whole
+                // generation down so that the next call re-establishes it.
+                hsm.mark_down(generation);
+                abandon(&mut session);
+            }
         }
     }
-    if session.as_ref().is_some_and(|(_, live)| live.is_down()) {
-        abandon(&mut session);
+    close(&mut session, metrics);
+}
+
+/// Closes a session while its generation is up (and kept up by the call guard); one of a
+/// generation taken down is abandoned instead.
+fn close(session: &mut Option<(Session, Arc<Live>)>, metrics: &HsmMetrics) {
+    let Some((old, live)) = session.take() else {
+        return;
+    };
+    metrics.sessions.dec();
+    match live.enter() {
+        Some(_in_call) => drop(old),
+        None => std::mem::forget(old),
     }
 }
