@@ -345,11 +345,15 @@ fn serve(path: &Path) -> Result<(), String> {
     })?;
     tracing::info!("stopping");
     // The HTTP workers are gone: ours is the last reference.
-    if let Ok(state) = Arc::try_unwrap(state) {
-        state.service.into_pool().shutdown();
-    }
-    if let Ok(hsm) = Arc::try_unwrap(hsm) {
-        hsm.close().map_err(|e| e.to_string())?;
+    let workers_done = match Arc::try_unwrap(state) {
+        Ok(state) => state.service.into_pool().shutdown(),
+        Err(_) => false,
+    };
+    match Arc::try_unwrap(hsm) {
+        Ok(hsm) if workers_done => hsm.close().map_err(|e| e.to_string())?,
+        // A hung call is inside the library: finalizing now is undefined behaviour, and
+        // the process exit closes the connection to the HSM anyway.
+        _ => tracing::warn!("HSM library not finalized: a call is still inside it"),
     }
     Ok(())
 }

@@ -658,3 +658,48 @@ fn ten_outage_cycles_leave_the_open_hsm_sessions_bounded() {
     assert_still_running(&mut server);
     assert_clean_log(server);
 }
+
+#[test]
+fn sigterm_while_an_hsm_call_hangs_exits_0_after_the_grace_without_finalizing() {
+    let _serial = serial();
+    let Setup {
+        hsm,
+        mut server,
+        _token,
+    } = setup();
+    let card = Arc::new(enroll(&server.base));
+    until_served(&card, Duration::from_secs(5));
+
+    hsm.pause();
+    let in_flight = {
+        let card = Arc::clone(&card);
+        std::thread::spawn(move || fetch(&agent(), &card))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    signal(server.child.id() as i32, "TERM");
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "divkey did not exit on SIGTERM while the HSM hangs:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = started.elapsed().as_secs_f64();
+    // The in-flight request is answered (503 at its deadline), then the pool waits the
+    // deadline and one second for the hung call, then divkey exits without C_Finalize.
+    let f = in_flight.join().unwrap();
+    assert_eq!(f.status, 503, "{}", f.body);
+    assert!(status.success(), "exit {status:?}:\n{}", server.log());
+    let bound = 2.0 * DEADLINE_MS as f64 / 1000.0 + 2.0;
+    assert!(took <= bound, "exit took {took:.2} s (bound {bound:.2} s)");
+    let log = server.log();
+    assert!(log.contains("not finalized"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    eprintln!("SIGTERM with a hung HSM call: exit 0 after {took:.2} s");
+    hsm.resume();
+}

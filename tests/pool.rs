@@ -92,6 +92,6 @@ fn deadlines_skips_and_panics_are_accounted_for() {
     let after = rt.block_on(pool.run(|ks| ks.ping()));
     assert!(matches!(after, Ok(Ok(()))), "{after:?}");
 
-    pool.shutdown();
+    assert!(pool.shutdown());
     Arc::try_unwrap(hsm).ok().unwrap().close().unwrap();
 }

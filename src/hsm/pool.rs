@@ -165,6 +165,8 @@ impl KeySession<'_> {
 pub struct DerivationPool {
     jobs: Option<SyncSender<Job>>,
     workers: Vec<JoinHandle<()>>,
+    /// Each worker thread drops its sender when it ends (panic included).
+    ended: Mutex<Receiver<()>>,
     deadline: Duration,
     metrics: Arc<HsmMetrics>,
 }
@@ -190,19 +192,26 @@ impl DerivationPool {
         let (tx, rx) = sync_channel::<Job>(queue);
         let rx = Arc::new(Mutex::new(rx));
         let mut workers = Vec::with_capacity(sessions);
+        let (ends, ended) = sync_channel::<()>(0);
         for i in 0..sessions {
             let session = hsm.open_session()?;
             metrics.sessions.inc();
             let (hsm, rx, m) = (Arc::clone(&hsm), Arc::clone(&rx), Arc::clone(&metrics));
+            let end = ends.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("hsm-{i}"))
-                .spawn(move || worker(&hsm, &rx, Some(session), &m))
+                .spawn(move || {
+                    let _end = end;
+                    worker(&hsm, &rx, Some(session), &m)
+                })
                 .map_err(|e| HsmError::Other(format!("cannot start HSM worker: {e}")))?;
             workers.push(handle);
         }
+        drop(ends);
         Ok(Self {
             jobs: Some(tx),
             workers,
+            ended: Mutex::new(ended),
             deadline,
             metrics,
         })
@@ -355,11 +364,33 @@ impl DerivationPool {
     }
 
     /// Stops taking work, lets the workers finish what is queued and closes their sessions.
-    pub fn shutdown(mut self) {
+    /// Waits at most the deadline and one second more: a worker still inside an HSM call
+    /// then (a hung HSM) is left behind, and this returns `false`; the library must then
+    /// not be finalized, since a call is inside it.
+    pub fn shutdown(mut self) -> bool {
         self.jobs.take();
+        let until = Instant::now() + self.deadline + Duration::from_secs(1);
+        let ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Disconnected once every worker has ended.
+        let all_ended = loop {
+            match ended.recv_timeout(until.saturating_duration_since(Instant::now())) {
+                Ok(()) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break true,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => break false,
+            }
+        };
+        drop(ended);
+        if !all_ended {
+            tracing::error!("an HSM call is still inside after the grace period; leaving it");
+            return false;
+        }
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        true
     }
 }
 
