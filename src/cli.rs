@@ -318,6 +318,10 @@ fn serve(path: &Path) -> Result<(), String> {
         limiter: config.rate_limit.as_ref().map(KeyReleaseLimiter::new),
         metrics,
     });
+    let watchdog = StuckCallWatchdog::start(
+        Arc::downgrade(&hsm),
+        Duration::from_millis(config.hsm.deadline_ms),
+    );
     let workers = config
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
@@ -344,6 +348,7 @@ fn serve(path: &Path) -> Result<(), String> {
         server.run().await.map_err(|e| e.to_string())
     })?;
     tracing::info!("stopping");
+    watchdog.stop();
     // The HTTP workers are gone: ours is the last reference.
     let workers_done = match Arc::try_unwrap(state) {
         Ok(state) => state.service.into_pool().shutdown(),
@@ -356,6 +361,45 @@ fn serve(path: &Path) -> Result<(), String> {
         _ => tracing::warn!("HSM library not finalized: a call is still inside it"),
     }
     Ok(())
+}
+
+/// Exit status when an HSM call is stuck for good (EX_TEMPFAIL): restart divkey.
+const EXIT_HSM_STUCK: i32 = 75;
+
+/// Ends the process when a call stuck inside a taken-down HSM library keeps it from being
+/// initialised again for ten deadlines (at least 10 s): the service cannot heal in this
+/// process, and a supervisor's restart can.
+struct StuckCallWatchdog {
+    stop: std::sync::mpsc::SyncSender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl StuckCallWatchdog {
+    fn start(hsm: std::sync::Weak<Hsm>, deadline: Duration) -> Self {
+        let limit = (deadline * 10).max(Duration::from_secs(10));
+        let (stop, stopped) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(Duration::from_secs(1))
+            {
+                let Some(hsm) = hsm.upgrade() else { return };
+                if let Some(stuck) = hsm.stuck_for().filter(|s| *s > limit) {
+                    tracing::error!(
+                        stuck_s = stuck.as_secs(),
+                        "an HSM call has not returned since the HSM went away, so the library \
+                         cannot be initialised again in this process; exiting for a restart"
+                    );
+                    std::process::exit(EXIT_HSM_STUCK);
+                }
+            }
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
 }
 
 /// One version out of a label's checked versions (looked up once in the HSM).

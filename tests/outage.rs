@@ -703,3 +703,105 @@ fn sigterm_while_an_hsm_call_hangs_exits_0_after_the_grace_without_finalizing() 
     eprintln!("SIGTERM with a hung HSM call: exit 0 after {took:.2} s");
     hsm.resume();
 }
+
+/// A key request that tolerates divkey having exited: `None` on a transport error.
+fn try_fetch(agent: &ureq::Agent, card: &Card) -> Option<Fetched> {
+    let started = Instant::now();
+    let r = match agent
+        .get(&card.url)
+        .set("Authorization", &format!("Bearer {TOKEN}"))
+        .call()
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(_) => return None,
+    };
+    let (status, retry_after) = (r.status(), r.header("retry-after").is_some());
+    Some(Fetched {
+        status,
+        body: r.into_string().unwrap_or_default(),
+        retry_after,
+        secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+#[test]
+fn outages_under_heavy_load_heal_within_5_s_or_end_the_process_for_a_restart() {
+    // p11-kit's client can leave a thread waiting for ever on a connection that died while
+    // two calls waited on it; no PKCS#11 call frees it, and the library cannot be finalized
+    // with it inside. divkey must then not stay down for good: it heals within 5 s of the
+    // restart, or it exits 75 (for a supervisor to restart it) within ten deadlines.
+    let _serial = serial();
+    let Setup {
+        mut hsm,
+        mut server,
+        _token,
+    } = setup();
+    let cards: Arc<Vec<Card>> = Arc::new((0..4).map(|_| enroll(&server.base)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> = (0..16)
+        .map(|i| {
+            let (stop, cards) = (Arc::clone(&stop), Arc::clone(&cards));
+            std::thread::spawn(move || {
+                let agent = agent();
+                while !stop.load(Ordering::Relaxed) {
+                    let card = &cards[i % cards.len()];
+                    match try_fetch(&agent, card) {
+                        Some(f) => check_outcome(&f, card),
+                        None => break, // divkey exited
+                    }
+                }
+            })
+        })
+        .collect();
+    let probe = agent();
+    let mut healed = Vec::new();
+    let mut exited = None;
+    'cycles: for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(1500));
+        hsm.kill();
+        let killed = Instant::now();
+        std::thread::sleep(Duration::from_millis(1500));
+        hsm.spawn();
+        let restarted = Instant::now();
+        loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                exited = Some((status, killed.elapsed()));
+                break 'cycles;
+            }
+            if try_fetch(&probe, &cards[0]).is_some_and(|f| f.status == 200) {
+                let after = restarted.elapsed();
+                assert!(
+                    after <= Duration::from_secs(5),
+                    "healed only after {after:?}"
+                );
+                healed.push(after);
+                break;
+            }
+            assert!(
+                killed.elapsed() < Duration::from_secs(14),
+                "neither healed nor exited 14 s after the kill:\n{}",
+                server.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().expect("a load thread failed");
+    }
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains(USER_PIN));
+    match exited {
+        None => eprintln!("heavy load, 4 outages: healed after {healed:?}"),
+        Some((status, after)) => {
+            assert_eq!(status.code(), Some(75), "{log}");
+            assert!(log.contains("exiting for a restart"), "{log}");
+            eprintln!(
+                "heavy load: healed after {healed:?}, then a call stuck in p11-kit's client; \
+                 exit 75 after {after:?}"
+            );
+        }
+    }
+}

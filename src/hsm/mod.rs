@@ -121,7 +121,7 @@ pub struct Hsm {
     pin: PinSpec,
     live: std::sync::RwLock<Option<std::sync::Arc<Live>>>,
     /// The generation taken down last, until no call is inside it and it is finalized.
-    retired: Mutex<Option<std::sync::Arc<Live>>>,
+    retired: Mutex<Option<Retired>>,
     generation: std::sync::atomic::AtomicU64,
     last_attempt: Mutex<Option<std::time::Instant>>,
     pin_refused: std::sync::atomic::AtomicBool,
@@ -303,7 +303,10 @@ impl Hsm {
             return;
         };
         live.down.store(true, std::sync::atomic::Ordering::Release);
-        *retired = Some(live);
+        *retired = Some(Retired {
+            live,
+            since: std::time::Instant::now(),
+        });
         let finalized = finalize(&mut retired);
         drop(retired);
         tracing::warn!(
@@ -320,6 +323,18 @@ impl Hsm {
             return false;
         };
         finalize(&mut retired)
+    }
+
+    /// How long a call has kept a taken-down generation from being finalized (and so the
+    /// library from being initialised again), if one does. Some modules never return from
+    /// a call whose connection died (p11-kit's client, when two calls wait on one socket);
+    /// no PKCS#11 call can free such a thread, so only a new process can recover.
+    pub fn stuck_for(&self) -> Option<std::time::Duration> {
+        let Ok(mut retired) = self.retired.lock() else {
+            return None;
+        };
+        let since = retired.as_ref()?.since;
+        (!finalize(&mut retired)).then(|| since.elapsed())
     }
 
     /// A new read-only working session of the current generation; it shares the login.
@@ -381,9 +396,15 @@ impl Hsm {
     }
 }
 
+/// A generation taken down and not yet finalized, and since when.
+struct Retired {
+    live: std::sync::Arc<Live>,
+    since: std::time::Instant,
+}
+
 /// Finalizes `retired` if no call is inside it; whether none is left to finalize.
-fn finalize(retired: &mut Option<std::sync::Arc<Live>>) -> bool {
-    let Some(live) = retired.as_ref() else {
+fn finalize(retired: &mut Option<Retired>) -> bool {
+    let Some(Retired { live, .. }) = retired.as_ref() else {
         return true;
     };
     {
