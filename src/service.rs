@@ -50,7 +50,8 @@ pub struct CallContext<'a> {
 }
 
 impl CallContext<'_> {
-    fn event(&self, action: &str) -> AuditEvent {
+    /// An audit event of this call; the caller fills in what happened.
+    pub fn event(&self, action: &str) -> AuditEvent {
         AuditEvent {
             caller: Some(self.caller.name.clone()),
             source: self.source.clone(),
@@ -802,15 +803,10 @@ impl Service {
             .await;
         match ran {
             Ok(result) => result,
-            // The worker has the job and audits its outcome.
-            Err(NotAnswered {
-                error,
-                started: true,
-            }) => Err(error.into()),
-            Err(NotAnswered {
-                error,
-                started: false,
-            }) => {
+            // Not answered in time, or never run: what the caller gets is recorded here. A
+            // job still running records its own outcome as well when it ends (if it ever
+            // does: a call can hang in the HSM for good), so the trail holds both.
+            Err(NotAnswered { error, .. }) => {
                 let refusal = ServiceError::from(error);
                 let mut event = unrun;
                 event.outcome = outcome_of(&refusal);

@@ -1106,6 +1106,27 @@ fn request_rules() {
         let r = env.post(AGENT, "/requests", body.clone());
         assert_eq!(error_code(&r, 400), "BadRequest", "{body}");
     }
+    // A name given twice, exactly or in another case, is ambiguous: refused, never the last.
+    let twice = [
+        format!(r#"{{"type":"Enroll","type":"Retire","profiletemplateuuid":"{T_OPEN}"}}"#),
+        format!(r#"{{"type":"Enroll","TYPE":"Enroll","profiletemplateuuid":"{T_OPEN}"}}"#),
+        format!(
+            r#"{{"type":"Enroll","profiletemplateuuid":"{T_OPEN}","profiletemplateuuid":"{T_OPEN}"}}"#
+        ),
+    ];
+    for raw in &twice {
+        let r = env.raw(
+            "POST",
+            &env.url("/requests"),
+            &[
+                ("Authorization", &format!("Bearer {AGENT}")),
+                ("Content-Type", "application/json"),
+            ],
+            Some(raw),
+        );
+        assert_eq!(error_code(&r, 400), "BadRequest", "body {raw}");
+        assert!(r.body.contains("appears twice"), "{raw}: {}", r.body);
+    }
     for raw in ["{", "", "not json"] {
         let r = env.raw(
             "POST",

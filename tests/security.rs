@@ -1573,6 +1573,23 @@ fn audit_trail_records_every_release_denial_state_change_and_key_action() {
     assert_eq!(error_code(&r, 401), "Unauthorized");
     let r = env.key(AGENT, &reqid, &scid, &new_card());
     assert_eq!(error_code(&r, 403), "CardIdMismatch");
+    // Malformed key requests: 400, and audited.
+    let base = format!("/requests/{reqid}/smartcards/{scid}/diversifiedkey");
+    for (query, cid) in [
+        ("cardid=zz", "cid-bad-1"),
+        (&format!("cardid={card}&cardid={card}")[..], "cid-bad-2"),
+        ("", "cid-bad-3"),
+    ] {
+        let r = env.with_headers(
+            "GET",
+            &format!("{base}?{query}"),
+            &[
+                ("Authorization", &format!("Bearer {AGENT}")),
+                ("X-Correlation-Id", cid),
+            ],
+        );
+        assert_eq!(error_code(&r, 400), "BadRequest", "{query}");
+    }
     // Complete, then the key is refused.
     let r = env.set_status(AGENT, &reqid, "Completed");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -1676,6 +1693,23 @@ fn audit_trail_records_every_release_denial_state_change_and_key_action() {
     }
     assert_eq!(count("key.release", "denied:CardIdMismatch"), 1);
     assert_eq!(count("key.release", "denied:RequestNotActive"), 1);
+    let bad = records_where(&records, "key.release", "bad_request");
+    let mut cids: Vec<&str> = bad
+        .iter()
+        .map(|r| r["correlation_id"].as_str().unwrap())
+        .collect();
+    cids.sort_unstable();
+    assert_eq!(
+        cids,
+        ["cid-bad-1", "cid-bad-2", "cid-bad-3"],
+        "{records:#?}"
+    );
+    for r in &bad {
+        assert_eq!(r["caller"], "agent");
+        assert_eq!(r["request"], reqid.as_str());
+        assert_eq!(r["smartcard"], scid.as_str());
+        assert_eq!(r["kcv"], Value::Null);
+    }
     // Request state changes: one record each.
     let of = |action: &str, req: &str| -> Vec<&Value> {
         records
@@ -1706,9 +1740,9 @@ fn audit_trail_records_every_release_denial_state_change_and_key_action() {
     assert_eq!(bind["card_id"], card.as_str());
     assert_eq!(bind["smartcard"], scid.as_str());
     assert_eq!(bind["template"], T2);
-    // 3 CLI; on T2: create, approve, bind, 1 release, 4 denials, complete, 1 more denial;
-    // cancel and deny: 2 each; abandoned: create, bind, 8 releases, abandon.
-    let total = 3 + 10 + 4 + 11;
+    // 3 CLI; on T2: create, approve, bind, 1 release, 4 denials, 3 malformed, complete,
+    // 1 more denial; cancel and deny: 2 each; abandoned: create, bind, 8 releases, abandon.
+    let total = 3 + 13 + 4 + 11;
     assert_eq!(records.len(), total, "{records:#?}");
 
     // --since: from a record's time on, at millisecond and second precision; a date.

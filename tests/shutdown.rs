@@ -126,5 +126,7 @@ permissions = {{ "{TEMPLATE}" = ["request", "bind", "read_key"] }}
     let log = server.log();
     assert!(!log.contains("panicked"), "{log}");
     assert!(log.contains("stopping"), "{log}");
+    assert!(log.contains("working sessions closed"), "{log}");
+    assert!(log.contains("logged out, library finalized"), "{log}");
     assert!(!log.contains(&want), "a key in the log");
 }

@@ -232,14 +232,44 @@ fn atr(text: Option<&str>) -> Result<Option<Atr>, ApiError> {
 /// A JSON object body with property names matched in any case.
 struct Body(serde_json::Map<String, Value>);
 
+/// A JSON object's members in order, repeats kept: a map keeps only the last of a repeated
+/// name, and `{"cardid": A, "cardid": B}` must be refused, not read as B.
+struct Members(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::new();
+                while let Some(member) = a.next_entry::<String, Value>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Object)
+    }
+}
+
 impl Body {
     fn parse(bytes: &[u8]) -> Result<Self, ApiError> {
-        let map = match serde_json::from_slice(bytes) {
-            Ok(Value::Object(map)) => map,
-            _ => return Err(ApiError::bad_request("the body must be a JSON object")),
+        let Ok(Members(members)) = serde_json::from_slice(bytes) else {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
         };
-        // Names match in any case, so two spellings of one name would be ambiguous.
-        let mut names: Vec<String> = map.keys().map(|k| k.to_ascii_lowercase()).collect();
+        // Names match in any case, so two spellings of one name would be ambiguous; so is
+        // one name given twice.
+        let mut names: Vec<String> = members
+            .iter()
+            .map(|(k, _)| k.to_ascii_lowercase())
+            .collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(ApiError::bad_request(format!(
@@ -247,7 +277,7 @@ impl Body {
                 w[0]
             )));
         }
-        Ok(Self(map))
+        Ok(Self(members.into_iter().collect()))
     }
     fn get(&self, name: &str) -> Option<&Value> {
         self.0
@@ -441,9 +471,18 @@ async fn handle(
         source,
         correlation_id: correlation_id.to_owned(),
     };
-    let query = Query::parse(req)?;
+    // Malformed key requests are refused with 400 and audited like any other refusal.
+    let key_input = KeyInput::of(&route);
+    let refuse = |e: ApiError| key_input.refuse(service, &ctx, e);
+    let query = match Query::parse(req) {
+        Ok(q) => q,
+        Err(e) => return Err(refuse(e).await),
+    };
     // Bodies are read only for authenticated callers, within a size and a time limit.
-    let body = read_body(req, payload).await?;
+    let body = match read_body(req, payload).await {
+        Ok(b) => b,
+        Err(e) => return Err(refuse(e).await),
+    };
     let body = body.as_ref();
     Ok(match route {
         Route::ProfileTemplates => {
@@ -525,10 +564,18 @@ async fn handle(
         }
         Route::DiversifiedKey(reqid, scid) => {
             const ACTION: &str = "key.release";
-            let reqid = guid("request id", &reqid)?;
-            let scid = guid("smart card id", &scid)?;
-            let card = card_id(query.get("cardid")?)?;
-            let atr = atr(query.get("atr")?)?;
+            let parsed = (|| {
+                Ok::<_, ApiError>((
+                    guid("request id", &reqid)?,
+                    guid("smart card id", &scid)?,
+                    card_id(query.get("cardid")?)?,
+                    atr(query.get("atr")?)?,
+                ))
+            })();
+            let (reqid, scid, card, atr) = match parsed {
+                Ok(p) => p,
+                Err(e) => return Err(refuse(e).await),
+            };
             if let Some(wait) = state
                 .limiter
                 .as_ref()
@@ -570,30 +617,37 @@ async fn handle(
         }
         Route::AuthenticationResponse(reqid, scid) => {
             const ACTION: &str = "key.authenticate";
-            let reqid = guid("request id", &reqid)?;
-            let scid = guid("smart card id", &scid)?;
-            let card = card_id(query.get("cardid")?)?;
-            let _atr = atr(query.get("atr")?)?;
-            let challenge = query
-                .get("challenge")?
-                .ok_or_else(|| ApiError::bad_request("challenge is required"))
-                .and_then(|c| {
-                    base64::engine::general_purpose::STANDARD
-                        .decode(c)
-                        .map(Zeroizing::new)
-                        .map_err(|_| ApiError::bad_request("challenge is not standard base64"))
-                })?;
-            if challenge.len() != 8 && challenge.len() != 16 {
-                return Err(ApiError::bad_request("challenge must be 8 or 16 bytes"));
-            }
-            let diversified = match query
-                .get("diversified")?
-                .map(str::to_ascii_lowercase)
-                .as_deref()
-            {
-                Some("true") => true,
-                Some("false") => false,
-                _ => return Err(ApiError::bad_request("diversified must be true or false")),
+            let parsed = (|| {
+                let reqid = guid("request id", &reqid)?;
+                let scid = guid("smart card id", &scid)?;
+                let card = card_id(query.get("cardid")?)?;
+                let _atr = atr(query.get("atr")?)?;
+                let challenge = query
+                    .get("challenge")?
+                    .ok_or_else(|| ApiError::bad_request("challenge is required"))
+                    .and_then(|c| {
+                        base64::engine::general_purpose::STANDARD
+                            .decode(c)
+                            .map(Zeroizing::new)
+                            .map_err(|_| ApiError::bad_request("challenge is not standard base64"))
+                    })?;
+                if challenge.len() != 8 && challenge.len() != 16 {
+                    return Err(ApiError::bad_request("challenge must be 8 or 16 bytes"));
+                }
+                let diversified = match query
+                    .get("diversified")?
+                    .map(str::to_ascii_lowercase)
+                    .as_deref()
+                {
+                    Some("true") => true,
+                    Some("false") => false,
+                    _ => return Err(ApiError::bad_request("diversified must be true or false")),
+                };
+                Ok((reqid, scid, card, challenge, diversified))
+            })();
+            let (reqid, scid, card, challenge, diversified) = match parsed {
+                Ok(p) => p,
+                Err(e) => return Err(refuse(e).await),
             };
             if let Some(wait) = state
                 .limiter
@@ -622,6 +676,43 @@ async fn handle(
         }
         Route::Healthz | Route::Readyz | Route::Metrics => unreachable_route(),
     })
+}
+
+/// What the audit record of a refused key request can say before its input is parsed.
+struct KeyInput {
+    /// `None` for routes that release no key.
+    action: Option<&'static str>,
+    request: Option<Uuid>,
+    smartcard: Option<Uuid>,
+}
+
+impl KeyInput {
+    fn of(route: &Route) -> Self {
+        let (action, ids) = match route {
+            Route::DiversifiedKey(r, s) => (Some("key.release"), Some((r, s))),
+            Route::AuthenticationResponse(r, s) => (Some("key.authenticate"), Some((r, s))),
+            _ => (None, None),
+        };
+        Self {
+            action,
+            request: ids.and_then(|(r, _)| parse_guid(r).ok()),
+            smartcard: ids.and_then(|(_, s)| parse_guid(s).ok()),
+        }
+    }
+
+    /// Audits a key request refused for its input (a no-op on other routes); returns `e`.
+    async fn refuse(&self, service: &Service, ctx: &CallContext<'_>, e: ApiError) -> ApiError {
+        if let Some(action) = self.action {
+            let mut event = ctx.event(action);
+            event.request = self.request;
+            event.smartcard = self.smartcard;
+            event.outcome = "bad_request".into();
+            if let Err(audit) = service.record(event).await {
+                tracing::error!(error = %audit, "audit write failed");
+            }
+        }
+        e
+    }
 }
 
 /// A key request over the caller's rate limit: audited, then 429.

@@ -392,6 +392,7 @@ impl Hsm {
             drop(session);
         }
         live.ctx.clone().finalize()?;
+        tracing::info!("HSM: logged out, library finalized");
         Ok(())
     }
 }

@@ -390,6 +390,7 @@ impl DerivationPool {
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        tracing::info!("HSM workers stopped, working sessions closed");
         true
     }
 }
