@@ -9,7 +9,7 @@ use crate::audit::AuditEvent;
 use crate::config::Template;
 use crate::diversify::{AdminKey, AdminKeyType};
 use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
-use crate::hsm::{DerivationPool, HsmError, KeySession, MasterKeys, NotAnswered};
+use crate::hsm::{DerivationPool, HsmError, KeySession, MasterKeys, NotAnswered, Undelivered};
 use crate::policy::{Caller, Permission};
 use crate::store::{KeyBinding, Request, Smartcard, Store, StoreError, Tx};
 use zeroize::Zeroizing;
@@ -789,11 +789,12 @@ impl Service {
                 // The caller left before the answer was handed over (deadline, dropped
                 // connection): a release already recorded gets a record saying so, and a
                 // job that panicked one saying it failed.
-                move |answer: Option<Result<T, ServiceError>>| {
-                    undelivered.outcome = match answer {
-                        Some(Ok(_)) => "withheld:CallerGone".into(),
-                        Some(Err(_)) => return,
-                        None => "error".into(),
+                move |left: Undelivered<Result<T, ServiceError>>| {
+                    undelivered.outcome = match left {
+                        Undelivered::Value(Ok(_)) => "withheld:CallerGone".into(),
+                        Undelivered::Value(Err(_)) => return,
+                        Undelivered::Panicked => "error".into(),
+                        Undelivered::NotRun => "not_run:CallerGone".into(),
                     };
                     if let Err(e) = after.store.write(|tx| tx.append_audit(&undelivered)) {
                         tracing::error!(error = %e, "audit write failed");

@@ -1,7 +1,8 @@
 //! The derivation pool's contract with its callers, on a real SoftHSM2 session: a job that
 //! outlives the deadline still hands its value to the undelivered path (so the service can
-//! audit it), a job whose caller left before it started never runs, and a job that panics
-//! neither kills its worker nor passes as run.
+//! audit it), a job whose caller left before it started never runs (and if the caller's
+//! request was dropped, the worker says so), and a job that panics neither kills its worker
+//! nor passes as run.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use common::{TestToken, config_text};
 use divkey::config::Config;
-use divkey::hsm::{DerivationPool, Hsm, HsmError, NotAnswered};
+use divkey::hsm::{DerivationPool, Hsm, HsmError, NotAnswered, Undelivered};
 use divkey::metrics::Metrics;
 
 #[test]
@@ -54,7 +55,10 @@ fn deadlines_skips_and_panics_are_accounted_for() {
             started: true
         })
     ));
-    assert_eq!(rx.recv_timeout(Duration::from_secs(2)).unwrap(), Some(7));
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(2)).unwrap(),
+        Undelivered::Value(7)
+    );
 
     // A job queued behind a slow one, whose caller leaves first, is skipped.
     let ran = Arc::new(AtomicBool::new(false));
@@ -75,6 +79,30 @@ fn deadlines_skips_and_panics_are_accounted_for() {
     std::thread::sleep(Duration::from_millis(400));
     assert!(!ran.load(Ordering::SeqCst), "a skipped job ran");
 
+    // A job whose caller's request was dropped while it queued is not run; the worker
+    // says so to `undelivered`.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&ran);
+    rt.block_on(async {
+        let slow = pool.run(|_| std::thread::sleep(Duration::from_millis(300)));
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(50),
+            pool.run_or(
+                move |_| flag.store(true, Ordering::SeqCst),
+                move |v: Undelivered<()>| tx.send(v).unwrap(),
+            ),
+        );
+        let (slow, dropped) = tokio::join!(slow, dropped);
+        assert!(slow.is_err(), "the slow job outlived the deadline");
+        assert!(dropped.is_err(), "the request was dropped");
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(2)).unwrap(),
+        Undelivered::NotRun
+    );
+    assert!(!ran.load(Ordering::SeqCst), "a dropped request's job ran");
+
     // A panicking job is accounted for once: by its caller (reported as not run) if the
     // caller still waited, else by the worker (`undelivered(None)`). The worker goes on
     // with a fresh session.
@@ -86,7 +114,9 @@ fn deadlines_skips_and_panics_are_accounted_for() {
     let by_worker = rx.recv_timeout(Duration::from_secs(2)).ok();
     match panicked {
         Err(NotAnswered { started: false, .. }) => assert_eq!(by_worker, None),
-        Err(NotAnswered { started: true, .. }) => assert_eq!(by_worker, Some(None)),
+        Err(NotAnswered { started: true, .. }) => {
+            assert_eq!(by_worker, Some(Undelivered::Panicked))
+        }
         Ok(v) => panic!("a panicked job answered {v}"),
     }
     let after = rt.block_on(pool.run(|ks| ks.ping()));

@@ -706,7 +706,12 @@ impl KeyInput {
             let mut event = ctx.event(action);
             event.request = self.request;
             event.smartcard = self.smartcard;
-            event.outcome = "bad_request".into();
+            // `bad_request`, or what else refused the input (a body too large or too slow).
+            event.outcome = if e.status == StatusCode::BAD_REQUEST {
+                "bad_request".into()
+            } else {
+                format!("refused:{}", e.code)
+            };
             if let Err(audit) = service.record(event).await {
                 tracing::error!(error = %audit, "audit write failed");
             }

@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 pub use error::HsmError;
 pub use keys::{KeyInfo, MasterKeyRef, MasterKeys, PreparedImport};
-pub use pool::{DerivationPool, KeySession, NotAnswered};
+pub use pool::{DerivationPool, KeySession, NotAnswered, Undelivered};
 
 use crate::config::HsmConfig;
 
@@ -330,11 +330,10 @@ impl Hsm {
     /// a call whose connection died (p11-kit's client, when two calls wait on one socket);
     /// no PKCS#11 call can free such a thread, so only a new process can recover.
     pub fn stuck_for(&self) -> Option<std::time::Duration> {
-        let Ok(mut retired) = self.retired.lock() else {
-            return None;
-        };
-        let since = retired.as_ref()?.since;
-        (!finalize(&mut retired)).then(|| since.elapsed())
+        // Looks only: finalizing is the reconnect's job, and a watchdog must not hang in it.
+        let retired = self.retired.try_lock().ok()?;
+        let Retired { live, since } = retired.as_ref()?;
+        live.calls.try_write().is_err().then(|| since.elapsed())
     }
 
     /// A new read-only working session of the current generation; it shares the login.

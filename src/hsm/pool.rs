@@ -32,6 +32,7 @@ pub(super) struct WorkerSession<'a> {
     pub session: &'a Session,
     pub generation: u64,
     pub hsm: &'a Hsm,
+    live: &'a Live,
 }
 
 /// What becomes of a worker's session after a job.
@@ -58,6 +59,18 @@ const ABANDONED: u8 = 2;
 const LEFT: u8 = 3;
 /// The job panicked while its caller waited.
 const PANICKED: u8 = 4;
+
+/// What a job left for nobody: the caller stopped waiting (deadline passed, request
+/// dropped) and the worker accounts for it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Undelivered<T> {
+    /// The job ran; its value reached nobody.
+    Value(T),
+    /// The job panicked.
+    Panicked,
+    /// The caller was gone when the job came up, so it was not run.
+    NotRun,
+}
 
 /// A job that gave no answer.
 #[derive(Debug)]
@@ -94,6 +107,11 @@ impl KeySession<'_> {
             return Err(self.unavailable.take().unwrap_or(HsmError::Reconnecting));
         };
         let m = self.metrics;
+        // Holds off the generation's C_Finalize during the call (only the call: a job's
+        // store work must not look like a call stuck in the HSM).
+        let Some(_in_call) = ws.live.enter() else {
+            return Err(HsmError::Reconnecting);
+        };
         m.sessions_busy.inc();
         let started = Instant::now();
         let result = f(ws);
@@ -227,13 +245,12 @@ impl DerivationPool {
         self.run_or(f, drop).await
     }
 
-    /// [`Self::run`], and if the caller is gone when the job's value is ready (deadline
-    /// passed, request dropped), the worker hands the value to `undelivered` instead, or
-    /// `None` if the job panicked after its caller left.
+    /// [`Self::run`], and whatever the job leaves for nobody once its caller is gone
+    /// (deadline passed, request dropped) goes to `undelivered`, on the worker.
     pub async fn run_or<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut KeySession<'_>) -> T + Send + 'static,
-        undelivered: impl FnOnce(Option<T>) + Send + 'static,
+        undelivered: impl FnOnce(Undelivered<T>) + Send + 'static,
     ) -> Result<T, NotAnswered> {
         let (tx, rx) = oneshot::channel();
         let (answer, answered) = oneshot::channel::<()>();
@@ -246,6 +263,11 @@ impl DerivationPool {
                 .compare_exchange(PENDING, STARTED, Ordering::AcqRel, Ordering::Acquire)
                 .is_err()
             {
+                return SessionFate::Keep;
+            }
+            // Its caller was dropped while the job queued: nobody will take a value.
+            if answer.is_closed() {
+                undelivered(Undelivered::NotRun);
                 return SessionFate::Keep;
             }
             let (session, unavailable) = match session {
@@ -266,17 +288,20 @@ impl DerivationPool {
             match value {
                 Ok(value) => {
                     if let Err(value) = tx.send(value) {
-                        undelivered(Some(value));
+                        undelivered(Undelivered::Value(value));
                     }
                     fate
                 }
                 Err(_) => {
                     tracing::error!("HSM job panicked; its session is closed");
+                    // The caller accounts for it if it still waits; else (it left, or its
+                    // request was dropped) the worker does.
                     let caller_waits = job_claim
                         .compare_exchange(STARTED, PANICKED, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok();
+                        .is_ok()
+                        && !tx.is_closed();
                     if !caller_waits {
-                        undelivered(None);
+                        undelivered(Undelivered::Panicked);
                     }
                     fate.max(SessionFate::Close)
                 }
@@ -437,19 +462,12 @@ fn worker(
             continue;
         };
         let generation = live.generation();
-        // Holds off the generation's C_Finalize while the job runs in it.
-        let fate = {
-            let Some(_in_call) = live.enter() else {
-                job(Err(HsmError::Reconnecting));
-                abandon(&mut session);
-                continue;
-            };
-            job(Ok(WorkerSession {
-                session: current,
-                generation,
-                hsm,
-            }))
-        };
+        let fate = job(Ok(WorkerSession {
+            session: current,
+            generation,
+            hsm,
+            live,
+        }));
         match fate {
             SessionFate::Keep => {}
             SessionFate::Close => close(&mut session, metrics),
