@@ -183,14 +183,27 @@ impl Hsm {
     /// non-extractable AES key with CKA_SIGN and neither CKA_DERIVE nor CKA_WRAP, exactly one
     /// object per version. Anything else is refused with the reason.
     pub fn master_key_versions(&self, label: &str) -> Result<Vec<MasterKeyRef>, HsmError> {
+        self.with_session(|session| self.versions_on(session, self.generation(), label))
+    }
+
+    /// [`Self::master_key_versions`] on a given session of `generation`.
+    fn versions_on(
+        &self,
+        session: &Session,
+        generation: u64,
+        label: &str,
+    ) -> Result<Vec<MasterKeyRef>, HsmError> {
         let problem = |p: String| HsmError::MasterKey {
             label: label.to_owned(),
             problem: p,
         };
-        self.with_session(|session| {
+        {
             let found = find_by_label(session, label)?;
             if found.is_empty() {
-                return Err(problem(format!("not found on token {:?}", self.token_label)));
+                return Err(problem(format!(
+                    "not found on token {:?}",
+                    self.token_label
+                )));
             }
             let mut versions: Vec<MasterKeyRef> = Vec::with_capacity(found.len());
             for handle in found {
@@ -242,12 +255,12 @@ impl Hsm {
                     size,
                     kcv,
                     handle,
-                    generation: self.generation(),
+                    generation,
                 });
             }
             versions.sort_by_key(|v| v.version);
             Ok(versions)
-        })
+        }
     }
 
     /// One version of the master key `label`, checked as [`Self::master_key_versions`].
@@ -592,6 +605,7 @@ impl Hsm {
     pub(super) fn handle_in(
         &self,
         key: &MasterKeyRef,
+        session: &Session,
         generation: u64,
     ) -> Result<ObjectHandle, HsmError> {
         if generation == key.generation {
@@ -609,9 +623,16 @@ impl Hsm {
         {
             return Ok(*handle);
         }
-        // Looked up without the cache lock: a lookup that hangs in the HSM holds its own
-        // worker only.
-        let found = self.master_key_version(&key.label, key.version)?;
+        // Looked up on the worker's own session and without the cache lock: a lookup that
+        // hangs in the HSM holds its own worker only.
+        let found = self
+            .versions_on(session, generation, &key.label)?
+            .into_iter()
+            .find(|v| v.version == key.version)
+            .ok_or_else(|| HsmError::MasterKey {
+                label: key.label.clone(),
+                problem: format!("has no version {}", key.version),
+            })?;
         if found.kcv != key.kcv {
             return Err(HsmError::MasterKey {
                 label: key.label.clone(),

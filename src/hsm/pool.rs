@@ -140,7 +140,7 @@ impl KeySession<'_> {
         card: &CardId,
     ) -> Result<AdminKey, HsmError> {
         self.call(|ws| {
-            let key = ws.hsm.handle_in(master, ws.generation)?;
+            let key = ws.hsm.handle_in(master, ws.session, ws.generation)?;
             derive_admin_key(
                 &mut SessionPrf {
                     session: ws.session,
@@ -156,7 +156,7 @@ impl KeySession<'_> {
     /// and still the same key.
     pub fn master_key_kcv(&mut self, master: &MasterKeyRef) -> Result<Kcv, HsmError> {
         self.call(|ws| {
-            let key = ws.hsm.handle_in(master, ws.generation)?;
+            let key = ws.hsm.handle_in(master, ws.session, ws.generation)?;
             aes_kcv(&mut SessionPrf {
                 session: ws.session,
                 key,
