@@ -805,3 +805,41 @@ fn outages_under_heavy_load_heal_within_5_s_or_end_the_process_for_a_restart() {
         }
     }
 }
+
+#[test]
+fn a_different_key_under_the_same_label_after_an_outage_is_never_used() {
+    let _serial = serial();
+    let Setup {
+        mut hsm,
+        mut server,
+        _token,
+    } = setup();
+    let card = enroll(&server.base);
+    until_served(&card, Duration::from_secs(5));
+
+    // The HSM comes back as another token with the same token label, holding another key
+    // under the same key label and version.
+    let other = TestToken::new();
+    let direct = other.path().join("direct.toml");
+    std::fs::write(&direct, config_text(&other, "127.0.0.1:0", "")).unwrap();
+    other.import_key(&direct, "admin-master", &MASTER.chars().rev().collect::<String>());
+    hsm.kill();
+    hsm.softhsm_conf = other.conf.clone();
+    hsm.spawn();
+
+    let agent = agent();
+    let until = Instant::now() + Duration::from_secs(3);
+    let mut refused = 0;
+    while Instant::now() < until {
+        let f = fetch(&agent, &card);
+        assert_ne!(f.status, 200, "a key from another master key: {}", f.body);
+        assert!(f.secs <= limit(), "a request waited {:.2} s", f.secs);
+        refused += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(readyz(&server), 503);
+    assert_still_running(&mut server);
+    let log = server.stop();
+    assert!(log.contains("refusing to use it"), "{log}");
+    eprintln!("another key under the same label: {refused} requests, none served");
+}
