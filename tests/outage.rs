@@ -822,7 +822,11 @@ fn a_different_key_under_the_same_label_after_an_outage_is_never_used() {
     let other = TestToken::new();
     let direct = other.path().join("direct.toml");
     std::fs::write(&direct, config_text(&other, "127.0.0.1:0", "")).unwrap();
-    other.import_key(&direct, "admin-master", &MASTER.chars().rev().collect::<String>());
+    other.import_key(
+        &direct,
+        "admin-master",
+        &MASTER.chars().rev().collect::<String>(),
+    );
     hsm.kill();
     hsm.softhsm_conf = other.conf.clone();
     hsm.spawn();
