@@ -570,6 +570,18 @@ fn authentication_response_is_the_challenge_under_the_released_key() {
     }
     used_kcvs.push((soft_kcv(&key, true), "des3 card key"));
     used_kcvs.push((soft_kcv(&des_default, true), "des3 default key"));
+    // A challenge whose base64 has `+`, sent without percent-encoding it (form decoding
+    // reads `+` as a space, which base64 never holds): the same answer.
+    let ch = [0xfb, 0xef, 0xbe, 0xfb, 0xef, 0xbe, 0x01, 0x02];
+    assert_eq!(b64(&ch), "++++++++AQI=");
+    let r = env.get(
+        AGENT,
+        &format!(
+            "/requests/{reqid}/smartcards/{scid}/authenticationresponse?cardid={card}\
+             &challenge=++++++++AQI%3D&diversified=true"
+        ),
+    );
+    assert_eq!(key_bytes(&r), tdes_ecb(&key, &ch), "raw + in the challenge");
 
     // Only `authenticate` is needed, and `read_key` is not enough.
     let ch: [u8; 8] = rand::random();

@@ -626,8 +626,10 @@ async fn handle(
                     .get("challenge")?
                     .ok_or_else(|| ApiError::bad_request("challenge is required"))
                     .and_then(|c| {
+                        // A client that left `+` unencoded sent a space after form decoding;
+                        // base64 has no spaces, so this reads what it meant.
                         base64::engine::general_purpose::STANDARD
-                            .decode(c)
+                            .decode(c.replace(' ', "+"))
                             .map(Zeroizing::new)
                             .map_err(|_| ApiError::bad_request("challenge is not standard base64"))
                     })?;
