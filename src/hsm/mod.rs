@@ -100,7 +100,7 @@ impl Live {
     /// `None` once the generation was taken down.
     pub(super) fn enter(&self) -> Option<std::sync::RwLockReadGuard<'_, ()>> {
         let guard = self.calls.read().ok()?;
-        (!self.down.load(std::sync::atomic::Ordering::Acquire)).then_some(guard)
+        (!self.is_down()).then_some(guard)
     }
 
     pub(super) fn generation(&self) -> u64 {

@@ -426,14 +426,6 @@ fn worker(
     mut session: Option<(Session, Arc<Live>)>,
     metrics: &HsmMetrics,
 ) {
-    // A session of a generation that was taken down is abandoned, never closed: after
-    // C_Finalize its handle number may belong to a new session.
-    let abandon = |session: &mut Option<(Session, Arc<Live>)>| {
-        if let Some((old, _)) = session.take() {
-            std::mem::forget(old);
-            metrics.sessions.dec();
-        }
-    };
     loop {
         let job = match jobs.lock() {
             Ok(rx) => match rx.recv() {
@@ -443,7 +435,7 @@ fn worker(
             Err(_) => break,
         };
         if session.as_ref().is_some_and(|(_, live)| live.is_down()) {
-            abandon(&mut session);
+            close(&mut session, metrics);
         }
         if session.is_none() {
             match hsm.open_session() {
@@ -475,15 +467,16 @@ fn worker(
                 // The failure says the HSM (not just this session) is gone: take the whole
                 // generation down so that the next call re-establishes it.
                 hsm.mark_down(generation);
-                abandon(&mut session);
+                close(&mut session, metrics);
             }
         }
     }
     close(&mut session, metrics);
 }
 
-/// Closes a session while its generation is up (and kept up by the call guard); one of a
-/// generation taken down is abandoned instead.
+/// Closes a session while its generation is up (and kept up by the call guard). One of a
+/// generation taken down is abandoned, never closed: after C_Finalize its handle number may
+/// belong to a new session.
 fn close(session: &mut Option<(Session, Arc<Live>)>, metrics: &HsmMetrics) {
     let Some((old, live)) = session.take() else {
         return;
