@@ -197,81 +197,73 @@ impl Hsm {
             label: label.to_owned(),
             problem: p,
         };
-        {
-            let found = find_by_label(session, label)?;
-            if found.is_empty() {
-                return Err(problem(format!(
-                    "not found on token {:?}",
-                    self.token_label
-                )));
+        let found = find_by_label(session, label)?;
+        if found.is_empty() {
+            return Err(problem(format!(
+                "not found on token {:?}",
+                self.token_label
+            )));
+        }
+        let mut versions: Vec<MasterKeyRef> = Vec::with_capacity(found.len());
+        for handle in found {
+            let attrs = Attrs::read(session, handle)?;
+            let version = attrs.version().map_err(problem)?;
+            let problem = |p: &str| problem(format!("version {version} {p}"));
+            if attrs.class() != Some(ObjectClass::SECRET_KEY) {
+                return Err(problem("is not a secret key"));
             }
-            let mut versions: Vec<MasterKeyRef> = Vec::with_capacity(found.len());
-            for handle in found {
-                let attrs = Attrs::read(session, handle)?;
-                let version = attrs.version().map_err(problem)?;
-                let problem = |p: &str| problem(format!("version {version} {p}"));
-                if attrs.class() != Some(ObjectClass::SECRET_KEY) {
-                    return Err(problem("is not a secret key"));
-                }
-                if attrs.key_type() != Some(KeyType::AES) {
-                    return Err(problem("is not an AES key"));
-                }
-                let size = attrs
-                    .value_len()
-                    .and_then(|l| AesKeySize::from_len(l as usize))
-                    .ok_or_else(|| problem("has an unsupported length"))?;
-                if attrs.flag(AttributeType::Sensitive) != Some(true) {
-                    return Err(problem("is not sensitive (CKA_SENSITIVE must be true)"));
-                }
-                if attrs.flag(AttributeType::Extractable) != Some(false) {
-                    return Err(problem("is extractable (CKA_EXTRACTABLE must be false)"));
-                }
-                if attrs.flag(AttributeType::Sign) != Some(true) {
-                    return Err(problem("lacks CKA_SIGN, which CMAC needs"));
-                }
-                if attrs.flag(AttributeType::Derive) == Some(true)
-                    || attrs.flag(AttributeType::Wrap) == Some(true)
-                {
-                    return Err(problem(
-                        "allows CKA_DERIVE or CKA_WRAP, a way for key bytes to leave; only CKA_SIGN is allowed",
-                    ));
-                }
-                if versions.iter().any(|v| v.version == version) {
-                    let n = 1 + versions.iter().filter(|v| v.version == version).count();
-                    return Err(HsmError::MasterKey {
-                        label: label.to_owned(),
-                        problem: format!(
-                            "{n} objects carry this label as version {version}; exactly one is required"
-                        ),
-                    });
-                }
-                let kcv = aes_kcv(&mut SessionPrf {
-                    session,
-                    key: handle,
-                })?;
-                versions.push(MasterKeyRef {
+            if attrs.key_type() != Some(KeyType::AES) {
+                return Err(problem("is not an AES key"));
+            }
+            let size = attrs
+                .value_len()
+                .and_then(|l| AesKeySize::from_len(l as usize))
+                .ok_or_else(|| problem("has an unsupported length"))?;
+            if attrs.flag(AttributeType::Sensitive) != Some(true) {
+                return Err(problem("is not sensitive (CKA_SENSITIVE must be true)"));
+            }
+            if attrs.flag(AttributeType::Extractable) != Some(false) {
+                return Err(problem("is extractable (CKA_EXTRACTABLE must be false)"));
+            }
+            if attrs.flag(AttributeType::Sign) != Some(true) {
+                return Err(problem("lacks CKA_SIGN, which CMAC needs"));
+            }
+            if attrs.flag(AttributeType::Derive) == Some(true)
+                || attrs.flag(AttributeType::Wrap) == Some(true)
+            {
+                return Err(problem(
+                    "allows CKA_DERIVE or CKA_WRAP, a way for key bytes to leave; only CKA_SIGN is allowed",
+                ));
+            }
+            if versions.iter().any(|v| v.version == version) {
+                let n = 1 + versions.iter().filter(|v| v.version == version).count();
+                return Err(HsmError::MasterKey {
                     label: label.to_owned(),
-                    version,
-                    size,
-                    kcv,
-                    handle,
-                    generation,
+                    problem: format!(
+                        "{n} objects carry this label as version {version}; exactly one is required"
+                    ),
                 });
             }
-            versions.sort_by_key(|v| v.version);
-            Ok(versions)
+            let kcv = aes_kcv(&mut SessionPrf {
+                session,
+                key: handle,
+            })?;
+            versions.push(MasterKeyRef {
+                label: label.to_owned(),
+                version,
+                size,
+                kcv,
+                handle,
+                generation,
+            });
         }
+        versions.sort_by_key(|v| v.version);
+        Ok(versions)
     }
 
     /// One version of the master key `label`, checked as [`Self::master_key_versions`].
     pub fn master_key_version(&self, label: &str, version: u32) -> Result<MasterKeyRef, HsmError> {
-        self.master_key_versions(label)?
-            .into_iter()
-            .find(|v| v.version == version)
-            .ok_or_else(|| HsmError::MasterKey {
-                label: label.to_owned(),
-                problem: format!("has no version {version}"),
-            })
+        pick_version(self.master_key_versions(label)?, label, version)
     }
 
     /// The newest version of the master key `label`, checked as [`Self::master_key_versions`].
@@ -625,14 +617,11 @@ impl Hsm {
         }
         // Looked up on the worker's own session and without the cache lock: a lookup that
         // hangs in the HSM holds its own worker only.
-        let found = self
-            .versions_on(session, generation, &key.label)?
-            .into_iter()
-            .find(|v| v.version == key.version)
-            .ok_or_else(|| HsmError::MasterKey {
-                label: key.label.clone(),
-                problem: format!("has no version {}", key.version),
-            })?;
+        let found = pick_version(
+            self.versions_on(session, generation, &key.label)?,
+            &key.label,
+            key.version,
+        )?;
         if found.kcv != key.kcv {
             return Err(HsmError::MasterKey {
                 label: key.label.clone(),
@@ -647,4 +636,19 @@ impl Hsm {
         cache.push((id, found.generation, found.handle));
         Ok(found.handle)
     }
+}
+
+/// `version` out of a label's checked versions.
+fn pick_version(
+    versions: Vec<MasterKeyRef>,
+    label: &str,
+    version: u32,
+) -> Result<MasterKeyRef, HsmError> {
+    versions
+        .into_iter()
+        .find(|v| v.version == version)
+        .ok_or_else(|| HsmError::MasterKey {
+            label: label.to_owned(),
+            problem: format!("has no version {version}"),
+        })
 }

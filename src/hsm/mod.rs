@@ -312,7 +312,7 @@ impl Hsm {
         tracing::warn!(
             generation,
             finalized,
-            "HSM unavailable: sessions abandoned, library finalized"
+            "HSM unavailable: sessions abandoned; the library is finalized once no call is inside it"
         );
     }
 
