@@ -239,6 +239,12 @@ fn card_row(row: &Row) -> rusqlite::Result<Smartcard> {
 /// Typed queries inside one transaction.
 pub struct Tx<'a>(&'a Connection);
 
+/// Runs one statement from the connection's statement cache.
+fn execute_cached(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 /// Rolls back the transaction if it is still open when dropped: an error, a failed
 /// commit or a panic inside the closure leaves nothing half-written behind.
 struct OpenTx<'a>(&'a Connection);
@@ -571,12 +577,7 @@ impl Store {
         behavior: TransactionBehavior,
         f: impl FnOnce(&Tx) -> Result<T, E>,
     ) -> Result<T, E> {
-        // A panic inside a transaction poisons the lock but leaves nothing half-done (the
-        // guard below rolled it back), so the connection stays usable.
-        let conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = self.connection();
         if !conn.is_autocommit() {
             // A rollback that failed earlier: clear it before starting anew.
             conn.execute_batch("ROLLBACK").map_err(StoreError::from)?;
@@ -588,15 +589,19 @@ impl Store {
             TransactionBehavior::Exclusive => "BEGIN EXCLUSIVE",
             _ => "BEGIN DEFERRED",
         };
-        conn.prepare_cached(begin)
-            .and_then(|mut s| s.execute([]))
-            .map_err(StoreError::from)?;
+        execute_cached(&conn, begin)?;
         let _open = OpenTx(&conn);
         let out = f(&Tx(&conn))?;
-        conn.prepare_cached("COMMIT")
-            .and_then(|mut s| s.execute([]))
-            .map_err(StoreError::from)?;
+        execute_cached(&conn, "COMMIT")?;
         Ok(out)
+    }
+
+    /// The connection. A panic inside a transaction poisons the lock but leaves nothing
+    /// half-done (`OpenTx` rolled it back), so the connection stays usable.
+    fn connection(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Runs `f` in a read transaction.
@@ -629,11 +634,7 @@ impl Store {
 
     /// Whether the database answers (for readiness).
     pub fn ping(&self) -> Result<(), StoreError> {
-        let conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        conn.query_row("SELECT 1", [], |_| Ok(()))?;
+        self.connection().query_row("SELECT 1", [], |_| Ok(()))?;
         Ok(())
     }
 }
