@@ -249,22 +249,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let token = TestToken::new();
-    let rest = format!(
-        r#"[[profile_template]]
-uuid = "{TEMPLATE}"
-name = "Base CSP"
-algorithm = "sp800-108-cmac"
-key_type = "des3"
-master_key = "admin-master"
-default_admin_key_hex = "010203040506070801020304050607080102030405060708"
-
-[[caller]]
-name = "agent"
-token_sha256 = "{hash}"
-permissions = {{ "{TEMPLATE}" = ["request", "bind", "read_key"] }}
-"#,
-        hash = sha256_hex(TOKEN)
-    );
+    let rest = agent_template_config(TEMPLATE, TOKEN);
     let text = config_text(&token, "127.0.0.1:0", &rest).replace(
         "[store]",
         &format!("sessions = {SESSIONS}\ndeadline_ms = {DEADLINE_MS}\n\n[store]"),
@@ -327,24 +312,27 @@ struct Fetched {
 }
 
 fn fetch(agent: &ureq::Agent, card: &Card) -> Fetched {
+    try_fetch(agent, card).unwrap_or_else(|e| panic!("transport error: {e}"))
+}
+
+/// A key request that tolerates divkey having gone: `Err` on a transport error.
+fn try_fetch(agent: &ureq::Agent, card: &Card) -> Result<Fetched, String> {
     let started = Instant::now();
     let r = match agent
         .get(&card.url)
         .set("Authorization", &format!("Bearer {TOKEN}"))
         .call()
     {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("transport error: {e}"),
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.to_string()),
     };
-    let status = r.status();
-    let retry_after = r.header("retry-after").is_some();
-    Fetched {
+    let (status, retry_after) = (r.status(), r.header("retry-after").is_some());
+    Ok(Fetched {
         status,
         body: r.into_string().unwrap_or_default(),
         retry_after,
         secs: started.elapsed().as_secs_f64(),
-    }
+    })
 }
 
 /// A key request's outcome is acceptable during an outage: the right key, a 503 with
@@ -704,27 +692,6 @@ fn sigterm_while_an_hsm_call_hangs_exits_0_after_the_grace_without_finalizing() 
     hsm.resume();
 }
 
-/// A key request that tolerates divkey having exited: `None` on a transport error.
-fn try_fetch(agent: &ureq::Agent, card: &Card) -> Option<Fetched> {
-    let started = Instant::now();
-    let r = match agent
-        .get(&card.url)
-        .set("Authorization", &format!("Bearer {TOKEN}"))
-        .call()
-    {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(_) => return None,
-    };
-    let (status, retry_after) = (r.status(), r.header("retry-after").is_some());
-    Some(Fetched {
-        status,
-        body: r.into_string().unwrap_or_default(),
-        retry_after,
-        secs: started.elapsed().as_secs_f64(),
-    })
-}
-
 #[test]
 fn outages_under_heavy_load_heal_within_5_s_or_end_the_process_for_a_restart() {
     // p11-kit's client can leave a thread waiting for ever on a connection that died while
@@ -747,8 +714,8 @@ fn outages_under_heavy_load_heal_within_5_s_or_end_the_process_for_a_restart() {
                 while !stop.load(Ordering::Relaxed) {
                     let card = &cards[i % cards.len()];
                     match try_fetch(&agent, card) {
-                        Some(f) => check_outcome(&f, card),
-                        None => break, // divkey exited
+                        Ok(f) => check_outcome(&f, card),
+                        Err(_) => break, // divkey exited
                     }
                 }
             })
@@ -769,7 +736,7 @@ fn outages_under_heavy_load_heal_within_5_s_or_end_the_process_for_a_restart() {
                 exited = Some((status, killed.elapsed()));
                 break 'cycles;
             }
-            if try_fetch(&probe, &cards[0]).is_some_and(|f| f.status == 200) {
+            if try_fetch(&probe, &cards[0]).is_ok_and(|f| f.status == 200) {
                 let after = restarted.elapsed();
                 assert!(
                     after <= Duration::from_secs(5),

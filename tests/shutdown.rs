@@ -17,22 +17,7 @@ const MASTER: &str = "603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a309
 fn sigterm_under_load_finishes_in_flight_requests_and_exits_cleanly() {
     let token = TestToken::new();
     let config = token.path().join("divkey.toml");
-    let rest = format!(
-        r#"[[profile_template]]
-uuid = "{TEMPLATE}"
-name = "Base CSP"
-algorithm = "sp800-108-cmac"
-key_type = "des3"
-master_key = "admin-master"
-default_admin_key_hex = "010203040506070801020304050607080102030405060708"
-
-[[caller]]
-name = "agent"
-token_sha256 = "{hash}"
-permissions = {{ "{TEMPLATE}" = ["request", "bind", "read_key"] }}
-"#,
-        hash = sha256_hex(TOKEN)
-    );
+    let rest = agent_template_config(TEMPLATE, TOKEN);
     std::fs::write(&config, config_text(&token, "127.0.0.1:0", &rest)).unwrap();
     token.import_key(&config, "admin-master", MASTER);
     let mut server = Server::start(&token, &config);

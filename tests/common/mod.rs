@@ -164,6 +164,27 @@ sqlite = "{db}"
     )
 }
 
+/// One des3 template (sp800-108-cmac under `admin-master`) and one bearer-token caller
+/// who may request, bind and read keys on it: the config of the process-level tests.
+pub fn agent_template_config(template: &str, token: &str) -> String {
+    format!(
+        r#"[[profile_template]]
+uuid = "{template}"
+name = "Base CSP"
+algorithm = "sp800-108-cmac"
+key_type = "des3"
+master_key = "admin-master"
+default_admin_key_hex = "010203040506070801020304050607080102030405060708"
+
+[[caller]]
+name = "agent"
+token_sha256 = "{hash}"
+permissions = {{ "{template}" = ["request", "bind", "read_key"] }}
+"#,
+        hash = sha256_hex(token)
+    )
+}
+
 pub fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
