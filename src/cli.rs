@@ -15,7 +15,7 @@ use crate::audit::{self, AuditEvent};
 use crate::ceremony;
 use crate::config::{Config, Template};
 use crate::diversify::AesKeySize;
-use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef, MasterKeys};
+use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef, MasterKeys, pick_version};
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -402,18 +402,6 @@ impl StuckCallWatchdog {
     }
 }
 
-/// One version out of a label's checked versions (looked up once in the HSM).
-fn pick_version<'a>(
-    versions: &'a [MasterKeyRef],
-    label: &str,
-    version: u32,
-) -> Result<&'a MasterKeyRef, String> {
-    versions
-        .iter()
-        .find(|v| v.version == version)
-        .ok_or_else(|| format!("master key {label:?}: has no version {version}"))
-}
-
 /// One line per key action: what happened, label, type, version and KCV.
 fn print_key(what: &str, key: &MasterKeyRef) {
     println!(
@@ -727,7 +715,9 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
             let versions = hsm.master_key_versions(&label).map_err(|e| e.to_string())?;
-            let key = pick_version(&versions, &label, version)?.clone();
+            let key = pick_version(&versions, &label, version)
+                .map_err(|e| e.to_string())?
+                .clone();
             let retired = audit
                 .0
                 .read(|tx| tx.retired_versions(&label))
@@ -770,7 +760,9 @@ fn keys(command: KeysCommand) -> Result<(), String> {
             let audit = CliAudit::open(&config)?;
             let hsm = open_hsm(&config)?;
             let versions = hsm.master_key_versions(&label).map_err(|e| e.to_string())?;
-            let key = pick_version(&versions, &label, version)?.clone();
+            let key = pick_version(&versions, &label, version)
+                .map_err(|e| e.to_string())?
+                .clone();
             let newest = versions.iter().map(|v| v.version).max().unwrap_or(version);
             let (cards, retired) = audit
                 .0

@@ -263,7 +263,7 @@ impl Hsm {
 
     /// One version of the master key `label`, checked as [`Self::master_key_versions`].
     pub fn master_key_version(&self, label: &str, version: u32) -> Result<MasterKeyRef, HsmError> {
-        pick_version(self.master_key_versions(label)?, label, version)
+        pick_version(&self.master_key_versions(label)?, label, version).cloned()
     }
 
     /// The newest version of the master key `label`, checked as [`Self::master_key_versions`].
@@ -617,11 +617,8 @@ impl Hsm {
         }
         // Looked up on the worker's own session and without the cache lock: a lookup that
         // hangs in the HSM holds its own worker only.
-        let found = pick_version(
-            self.versions_on(session, generation, &key.label)?,
-            &key.label,
-            key.version,
-        )?;
+        let versions = self.versions_on(session, generation, &key.label)?;
+        let found = pick_version(&versions, &key.label, key.version)?;
         if found.kcv != key.kcv {
             return Err(HsmError::MasterKey {
                 label: key.label.clone(),
@@ -639,13 +636,13 @@ impl Hsm {
 }
 
 /// `version` out of a label's checked versions.
-fn pick_version(
-    versions: Vec<MasterKeyRef>,
+pub fn pick_version<'a>(
+    versions: &'a [MasterKeyRef],
     label: &str,
     version: u32,
-) -> Result<MasterKeyRef, HsmError> {
+) -> Result<&'a MasterKeyRef, HsmError> {
     versions
-        .into_iter()
+        .iter()
         .find(|v| v.version == version)
         .ok_or_else(|| HsmError::MasterKey {
             label: label.to_owned(),

@@ -19,7 +19,7 @@ use secrecy::SecretString;
 use zeroize::Zeroizing;
 
 pub use error::HsmError;
-pub use keys::{KeyInfo, MasterKeyRef, MasterKeys, PreparedImport};
+pub use keys::{KeyInfo, MasterKeyRef, MasterKeys, PreparedImport, pick_version};
 pub use pool::{DerivationPool, KeySession, NotAnswered, Undelivered};
 
 use crate::config::HsmConfig;
