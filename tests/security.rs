@@ -620,6 +620,16 @@ fn records_where<'a>(records: &'a [Value], action: &str, outcome: &str) -> Vec<&
         .collect()
 }
 
+/// The records' correlation ids, sorted.
+fn sorted_cids<'a>(records: &[&'a Value]) -> Vec<&'a str> {
+    let mut cids: Vec<&str> = records
+        .iter()
+        .map(|r| r["correlation_id"].as_str().unwrap())
+        .collect();
+    cids.sort_unstable();
+    cids
+}
+
 /// Every file of the SQLite database (main file, WAL), concatenated.
 fn db_bytes(db: &Path) -> Vec<u8> {
     let mut all = Vec::new();
@@ -1679,12 +1689,7 @@ fn audit_trail_records_every_release_denial_state_change_and_key_action() {
     // null here, as `decide_release` sets it only after the permission check.)
     let d = records_where(&records, "key.release", "denied:Unauthorized");
     assert_eq!(d.len(), 2, "{records:#?}");
-    let mut cids: Vec<&str> = d
-        .iter()
-        .map(|r| r["correlation_id"].as_str().unwrap())
-        .collect();
-    cids.sort_unstable();
-    assert_eq!(cids, ["cid-none", "cid-unknown"]);
+    assert_eq!(sorted_cids(&d), ["cid-none", "cid-unknown"]);
     for r in &d {
         assert_eq!(r["caller"], Value::Null);
         assert_eq!(r["request"], reqid.as_str());
@@ -1694,13 +1699,8 @@ fn audit_trail_records_every_release_denial_state_change_and_key_action() {
     assert_eq!(count("key.release", "denied:CardIdMismatch"), 1);
     assert_eq!(count("key.release", "denied:RequestNotActive"), 1);
     let bad = records_where(&records, "key.release", "bad_request");
-    let mut cids: Vec<&str> = bad
-        .iter()
-        .map(|r| r["correlation_id"].as_str().unwrap())
-        .collect();
-    cids.sort_unstable();
     assert_eq!(
-        cids,
+        sorted_cids(&bad),
         ["cid-bad-1", "cid-bad-2", "cid-bad-3"],
         "{records:#?}"
     );
