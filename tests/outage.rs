@@ -453,11 +453,16 @@ fn assert_still_running(server: &mut Server) {
     );
 }
 
+/// The server log shows no panic and never the PIN.
+fn assert_no_panic_no_pin(log: &str) {
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(!log.contains(USER_PIN));
+}
+
 fn assert_clean_log(server: Server) {
     let log = server.stop();
     assert!(log.contains("HSM re-established"), "{log}");
-    assert!(!log.contains("panicked"), "{log}");
-    assert!(!log.contains(USER_PIN));
+    assert_no_panic_no_pin(&log);
 }
 
 #[test]
@@ -578,8 +583,7 @@ fn stopped_hsm_server_gives_503_within_the_deadline_and_recovers_on_sigcont() {
          /readyz 200 after another {ready:?}"
     );
     let log = server.stop();
-    assert!(!log.contains("panicked"), "{log}");
-    assert!(!log.contains(USER_PIN));
+    assert_no_panic_no_pin(&log);
 }
 
 #[test]
@@ -758,8 +762,7 @@ fn outages_under_heavy_load_heal_within_5_s_or_end_the_process_for_a_restart() {
         t.join().expect("a load thread failed");
     }
     let log = server.log();
-    assert!(!log.contains("panicked"), "{log}");
-    assert!(!log.contains(USER_PIN));
+    assert_no_panic_no_pin(&log);
     match exited {
         None => eprintln!("heavy load, 4 outages: healed after {healed:?}"),
         Some((status, after)) => {
