@@ -297,6 +297,10 @@ fn serve(path: &Path) -> Result<(), String> {
     let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let hsm = Arc::new(open_hsm(&config)?);
     let store = Arc::new(Store::open(&config.store.sqlite).map_err(|e| e.to_string())?);
+    // Every 50 ms: each pass copies little, and the WAL holds 50 ms of writes or so.
+    let checkpointer = store
+        .checkpoint_in_background(Duration::from_millis(50))
+        .map_err(|e| e.to_string())?;
     let masters = master_keys(&hsm, &store, &templates)?;
     let passed = self_test(&hsm, &templates)?;
     tracing::info!(algorithms = passed, "self-test passed");
@@ -349,6 +353,7 @@ fn serve(path: &Path) -> Result<(), String> {
     })?;
     tracing::info!("stopping");
     watchdog.stop();
+    checkpointer.stop();
     // The HTTP workers are gone: ours is the last reference.
     let workers_done = match Arc::try_unwrap(state) {
         Ok(state) => state.service.into_pool().shutdown(),

@@ -4,7 +4,7 @@
 //! transaction: the rules live in `service`, the SQL lives here, and every read-check-write
 //! sequence is atomic.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
@@ -14,12 +14,17 @@ use crate::audit::{AuditEvent, AuditRecord, GENESIS, chain_hash};
 use crate::diversify::Derivation;
 use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
 
+mod checkpoint;
+pub use checkpoint::WalCheckpointer;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("store: corrupt row: {0}")]
     Corrupt(String),
+    #[error("store: cannot start the WAL checkpoint thread: {0}")]
+    CheckpointThread(std::io::Error),
 }
 
 /// Schema steps; `PRAGMA user_version` records how many ran.
@@ -154,6 +159,7 @@ pub struct Smartcard {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    path: PathBuf,
 }
 
 fn uuid_col(row: &Row, i: usize) -> rusqlite::Result<Uuid> {
@@ -569,6 +575,7 @@ impl Store {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
+            path: path.to_owned(),
         })
     }
 
