@@ -18,6 +18,7 @@ use crate::diversify::AesKeySize;
 use crate::hsm::{DerivationPool, Hsm, HsmError, MasterKeyRef, MasterKeys, pick_version};
 use crate::logging;
 use crate::metrics::Metrics;
+use crate::periodic::Periodic;
 use crate::policy::Policy;
 use crate::ratelimit::KeyReleaseLimiter;
 use crate::selftest;
@@ -297,10 +298,6 @@ fn serve(path: &Path) -> Result<(), String> {
     let tls = config.tls.as_ref().map(tls::server_config).transpose()?;
     let hsm = Arc::new(open_hsm(&config)?);
     let store = Arc::new(Store::open(&config.store.sqlite).map_err(|e| e.to_string())?);
-    // Every 50 ms: each pass copies little, and the WAL holds 50 ms of writes or so.
-    let checkpointer = store
-        .checkpoint_in_background(Duration::from_millis(50))
-        .map_err(|e| e.to_string())?;
     let masters = master_keys(&hsm, &store, &templates)?;
     let passed = self_test(&hsm, &templates)?;
     tracing::info!(algorithms = passed, "self-test passed");
@@ -316,16 +313,20 @@ fn serve(path: &Path) -> Result<(), String> {
         Arc::clone(&metrics.hsm),
     )
     .map_err(|e| e.to_string())?;
+    // Every 50 ms: each pass copies little, and the WAL holds about 50 ms of writes.
+    let checkpointer = store
+        .checkpoint_in_background(Duration::from_millis(50))
+        .map_err(|e| e.to_string())?;
     let state = Arc::new(AppState {
         service: Service::new(templates, masters, store, pool),
         policy: Policy::new(&config.caller),
         limiter: config.rate_limit.as_ref().map(KeyReleaseLimiter::new),
         metrics,
     });
-    let watchdog = StuckCallWatchdog::start(
+    let watchdog = stuck_call_watchdog(
         Arc::downgrade(&hsm),
         Duration::from_millis(config.hsm.deadline_ms),
-    );
+    )?;
     let workers = config
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
@@ -374,37 +375,22 @@ const EXIT_HSM_STUCK: i32 = 75;
 /// Ends the process when a call stuck inside a taken-down HSM library keeps it from being
 /// initialised again for ten deadlines (at least 10 s): the service cannot heal in this
 /// process, and a supervisor's restart can.
-struct StuckCallWatchdog {
-    stop: std::sync::mpsc::SyncSender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl StuckCallWatchdog {
-    fn start(hsm: std::sync::Weak<Hsm>, deadline: Duration) -> Self {
-        let limit = (deadline * 10).max(Duration::from_secs(10));
-        let (stop, stopped) = std::sync::mpsc::sync_channel::<()>(1);
-        let thread = std::thread::spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(Duration::from_secs(1))
-            {
-                let Some(hsm) = hsm.upgrade() else { return };
-                if let Some(stuck) = hsm.stuck_for().filter(|s| *s > limit) {
-                    tracing::error!(
-                        stuck_s = stuck.as_secs(),
-                        "an HSM call has not returned since the HSM went away, so the library \
-                         cannot be initialised again in this process; exiting for a restart"
-                    );
-                    std::process::exit(EXIT_HSM_STUCK);
-                }
-            }
-        });
-        Self { stop, thread }
-    }
-
-    fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
-    }
+fn stuck_call_watchdog(hsm: std::sync::Weak<Hsm>, deadline: Duration) -> Result<Periodic, String> {
+    let limit = (deadline * 10).max(Duration::from_secs(10));
+    Periodic::spawn("hsm-watchdog", Duration::from_secs(1), move || {
+        let Some(stuck) = hsm.upgrade().and_then(|hsm| hsm.stuck_for()) else {
+            return;
+        };
+        if stuck > limit {
+            tracing::error!(
+                stuck_s = stuck.as_secs(),
+                "an HSM call has not returned since the HSM went away, so the library \
+                 cannot be initialised again in this process; exiting for a restart"
+            );
+            std::process::exit(EXIT_HSM_STUCK);
+        }
+    })
+    .map_err(|e| format!("cannot start the HSM watchdog: {e}"))
 }
 
 /// One line per key action: what happened, label, type, version and KCV.

@@ -15,6 +15,7 @@ pub mod hsm;
 pub mod kcv;
 pub mod logging;
 pub mod metrics;
+pub mod periodic;
 pub mod policy;
 pub mod ratelimit;
 pub mod selftest;

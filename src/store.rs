@@ -15,7 +15,6 @@ use crate::diversify::Derivation;
 use crate::domain::{Atr, CardId, RequestStatus, RequestType, SmartcardStatus};
 
 mod checkpoint;
-pub use checkpoint::WalCheckpointer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -558,6 +557,14 @@ impl Tx<'_> {
     }
 }
 
+/// What every connection to the database sets (SQLite keeps these per connection): wait for
+/// another process's lock rather than fail, and sync the WAL at checkpoints, not commits.
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(())
+}
+
 impl Store {
     /// Opens (or creates) the database and brings its schema up to date.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -568,9 +575,8 @@ impl Store {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
         }
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        configure(&conn)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
         Ok(Self {

@@ -9,103 +9,94 @@
 //! always under way and the WAL grows without end.
 
 use std::sync::Arc;
-use std::sync::mpsc::{RecvTimeoutError, SyncSender, sync_channel};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 
-use super::{Store, StoreError};
+use super::{Store, StoreError, configure};
+use crate::periodic::Periodic;
 
 /// Frames in the WAL at which a commit still checkpoints by itself, should this thread
 /// fall behind (it lets the WAL restart long before: at saturation, 50 ms of writes are
 /// about 1,000 frames).
 const BACKSTOP_FRAMES: i64 = 10_000;
 
-/// The background checkpoint thread; [`WalCheckpointer::stop`] ends it.
-pub struct WalCheckpointer {
-    stop: SyncSender<()>,
-    thread: JoinHandle<()>,
-}
+/// What the WAL file is cut back to when it restarts, should the backstop have grown it.
+const WAL_SIZE_LIMIT_BYTES: i64 = 16 * 1024 * 1024;
 
-/// What one `PRAGMA wal_checkpoint(PASSIVE)` did.
+/// How often a checkpoint that keeps failing is reported again.
+const REPORT_FAILURE_EVERY: Duration = Duration::from_secs(60);
+
+/// What one `PRAGMA wal_checkpoint(PASSIVE)` found.
 struct Pass {
-    /// Frames in the WAL.
-    log: i64,
-    /// Frames copied back to the database (all of them, once it catches up).
-    copied: i64,
+    /// Frames in the WAL (-1 when another checkpoint was under way).
+    frames: i64,
+    /// Frames copied back to the database so far.
+    backfilled: i64,
 }
 
 fn passive(conn: &Connection) -> Result<Pass, StoreError> {
     Ok(conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
         Ok(Pass {
-            log: r.get(1)?,
-            copied: r.get(2)?,
+            frames: r.get(1)?,
+            backfilled: r.get(2)?,
         })
     })?)
 }
 
 impl Store {
-    /// Starts checkpointing this store's WAL every `every` on a thread of its own.
+    /// Checkpoints this store's WAL every `every` on a thread of its own, until the returned
+    /// handle is stopped or dropped.
     pub fn checkpoint_in_background(
         self: &Arc<Self>,
         every: Duration,
-    ) -> Result<WalCheckpointer, StoreError> {
+    ) -> Result<Periodic, StoreError> {
         let conn = Connection::open(&self.path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        // A checkpoint syncs the WAL before copying and the database after, as the serving
-        // connection's own would.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        self.connection()
-            .pragma_update(None, "wal_autocheckpoint", BACKSTOP_FRAMES)?;
+        // Synchronous NORMAL: a checkpoint syncs the WAL before copying and the database
+        // after, as the serving connection's own would.
+        configure(&conn)?;
         let store = Arc::clone(self);
-        let (stop, stopped) = sync_channel::<()>(1);
-        let thread = std::thread::Builder::new()
-            .name("wal-checkpoint".into())
-            .spawn(move || {
-                let (mut failing, mut rested) = (false, 0);
-                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    match store.checkpoint_step(&conn, rested) {
-                        Ok(log) => {
-                            rested = log;
-                            if failing {
-                                tracing::info!("WAL checkpoints work again");
-                                failing = false;
-                            }
-                        }
-                        // Once per failing spell: the backstop keeps the WAL bounded meanwhile.
-                        Err(e) if !failing => {
-                            tracing::warn!(error = %e, "WAL checkpoint failed");
-                            failing = true;
-                        }
-                        Err(_) => {}
+        let mut frames_before = 0;
+        let mut failing_since: Option<Instant> = None;
+        let thread = Periodic::spawn("wal-checkpoint", every, move || {
+            match store.checkpoint_pass(&conn, frames_before) {
+                Ok(frames) => {
+                    frames_before = frames;
+                    if failing_since.take().is_some() {
+                        tracing::info!("WAL checkpoints work again");
                     }
                 }
-            })
-            .map_err(StoreError::CheckpointThread)?;
-        Ok(WalCheckpointer { stop, thread })
+                // The backstop keeps the WAL bounded meanwhile.
+                Err(e) => {
+                    if failing_since.is_none_or(|t| t.elapsed() >= REPORT_FAILURE_EVERY) {
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                        failing_since = Some(Instant::now());
+                    }
+                }
+            }
+        })
+        .map_err(StoreError::CheckpointThread)?;
+        let serving = self.connection();
+        serving.pragma_update(None, "wal_autocheckpoint", BACKSTOP_FRAMES)?;
+        serving.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
+        Ok(thread)
     }
 
-    /// One pass; `rested` is the WAL's size after the previous one. Returns its size now.
-    fn checkpoint_step(&self, conn: &Connection, rested: i64) -> Result<i64, StoreError> {
-        let bulk = passive(conn)?;
-        // Restarted since (0), busy with another checkpointer (-1), or unchanged and all
-        // copied: nothing to finish.
-        if bulk.log <= 0 || (bulk.log == rested && bulk.copied == bulk.log) {
-            return Ok(bulk.log);
+    /// One checkpoint; `frames_before` is what the previous one left in the WAL. Returns
+    /// the frames in the WAL now.
+    fn checkpoint_pass(&self, conn: &Connection, frames_before: i64) -> Result<i64, StoreError> {
+        let first = passive(conn)?;
+        // Empty (0), another checkpoint under way (-1), or untouched since the last pass
+        // and all copied: nothing to finish.
+        if first.frames <= 0 || (first.frames == frames_before && first.backfilled == first.frames)
+        {
+            return Ok(first.frames);
         }
-        // Finish with the writers held off. Even when the pass above copied everything, a
-        // write that began before it ended appends to the WAL instead of restarting it;
-        // only a write that begins after everything is copied restarts it.
+        // Finish with this process's writers held off. Even when the pass above copied
+        // everything, a write that began before it ended appends to the WAL instead of
+        // restarting it; only a write that begins after everything is copied restarts it.
         let _writers = self.connection();
-        Ok(passive(conn)?.log)
-    }
-}
-
-impl WalCheckpointer {
-    pub fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.thread.join();
+        Ok(passive(conn)?.frames)
     }
 }
 
@@ -113,6 +104,35 @@ impl WalCheckpointer {
 mod tests {
     use super::*;
     use crate::audit::AuditEvent;
+
+    fn record(store: &Store, outcome: String) {
+        let event = AuditEvent {
+            action: "test".into(),
+            outcome,
+            ..AuditEvent::default()
+        };
+        store.write(|tx| tx.append_audit(&event)).unwrap();
+    }
+
+    #[test]
+    fn once_all_is_copied_the_next_write_restarts_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Arc::new(Store::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        configure(&conn).unwrap();
+        for i in 0..200 {
+            record(&store, i.to_string());
+        }
+        let frames = store.checkpoint_pass(&conn, 0).unwrap();
+        assert!(frames >= 400, "{frames} frames");
+        assert_eq!(passive(&conn).unwrap().backfilled, frames);
+        record(&store, "after".into());
+        // The WAL holds only the write after the pass: it started from the beginning.
+        let after = passive(&conn).unwrap();
+        assert!((1..=3).contains(&after.frames), "{} frames", after.frames);
+        assert_eq!(store.read(|tx| tx.audit_records(None)).unwrap().len(), 201);
+    }
 
     #[test]
     fn the_wal_restarts_under_continuous_writes() {
@@ -128,12 +148,7 @@ mod tests {
                 let store = Arc::clone(&store);
                 std::thread::spawn(move || {
                     for i in 0..records / 2 {
-                        let event = AuditEvent {
-                            action: "test".into(),
-                            outcome: format!("{w}-{i}"),
-                            ..AuditEvent::default()
-                        };
-                        store.write(|tx| tx.append_audit(&event)).unwrap();
+                        record(&store, format!("{w}-{i}"));
                     }
                 })
             })
