@@ -1,12 +1,13 @@
 //! WAL checkpoints off the request path, for the server.
 //!
 //! SQLite's own checkpoint runs inside the commit that crosses its threshold, holding the
-//! store for as long as copying a thousand frames back takes (about 4 ms on the project's
-//! machine): under steady load that stall was the p99. Here a thread with its own
-//! connection copies frames back while requests go on, then holds the store for a moment
-//! to copy the few committed meanwhile. With every frame copied and no write under way, the
-//! next write starts the WAL from the beginning again; without that moment, a write is
-//! always under way and the WAL grows without end.
+//! store for as long as copying a thousand frames back and two fsyncs take (about 4 ms on
+//! the project's machine, far more when the disk stalls): under steady load that stall was
+//! the p99. Here a thread with its own connection copies frames back while requests go on;
+//! once the WAL is long enough, it holds the store for a moment to copy the few committed
+//! meanwhile. With every frame copied and no write under way, the next write starts the
+//! WAL from the beginning again; without that moment, a write is always under way and the
+//! WAL grows without end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +18,7 @@ use super::{Store, StoreError, configure};
 use crate::periodic::Periodic;
 
 /// Frames in the WAL at which a commit still checkpoints by itself, should this thread
-/// fall behind (it lets the WAL restart long before: at saturation, 50 ms of writes are
-/// about 1,000 frames).
+/// fall behind (the server lets the WAL restart at 2,000).
 const BACKSTOP_FRAMES: i64 = 10_000;
 
 /// What the WAL file is cut back to when it restarts, should the backstop have grown it.
@@ -45,11 +45,13 @@ fn passive(conn: &Connection) -> Result<Pass, StoreError> {
 }
 
 impl Store {
-    /// Checkpoints this store's WAL every `every` on a thread of its own, until the returned
-    /// handle is stopped or dropped.
+    /// Checkpoints this store's WAL every `every` on a thread of its own, and lets it
+    /// restart once it holds `restart_after` frames, until the returned handle is stopped
+    /// or dropped.
     pub fn checkpoint_in_background(
         self: &Arc<Self>,
         every: Duration,
+        restart_after: i64,
     ) -> Result<Periodic, StoreError> {
         let conn = Connection::open(&self.path)?;
         // Synchronous NORMAL: a checkpoint syncs the WAL before copying and the database
@@ -59,7 +61,7 @@ impl Store {
         let mut frames_before = 0;
         let mut failing_since: Option<Instant> = None;
         let thread = Periodic::spawn("wal-checkpoint", every, move || {
-            match store.checkpoint_pass(&conn, frames_before) {
+            match store.checkpoint_pass(&conn, frames_before, restart_after) {
                 Ok(frames) => {
                     frames_before = frames;
                     if failing_since.take().is_some() {
@@ -84,17 +86,25 @@ impl Store {
 
     /// One checkpoint; `frames_before` is what the previous one left in the WAL. Returns
     /// the frames in the WAL now.
-    fn checkpoint_pass(&self, conn: &Connection, frames_before: i64) -> Result<i64, StoreError> {
+    fn checkpoint_pass(
+        &self,
+        conn: &Connection,
+        frames_before: i64,
+        restart_after: i64,
+    ) -> Result<i64, StoreError> {
         let first = passive(conn)?;
-        // Empty (0), another checkpoint under way (-1), or untouched since the last pass
-        // and all copied: nothing to finish.
-        if first.frames <= 0 || (first.frames == frames_before && first.backfilled == first.frames)
+        // Short enough to keep going (or another checkpoint under way: -1), or untouched
+        // since the last pass and all copied: nothing to finish.
+        if first.frames < restart_after.max(1)
+            || (first.frames == frames_before && first.backfilled == first.frames)
         {
             return Ok(first.frames);
         }
-        // Finish with this process's writers held off. Even when the pass above copied
-        // everything, a write that began before it ended appends to the WAL instead of
-        // restarting it; only a write that begins after everything is copied restarts it.
+        // Finish with this process's writers held off: the one moment requests wait, for
+        // the frames committed during the first pass and two fsyncs, so only every
+        // `restart_after` frames. Even when the pass above copied everything, a write that
+        // began before it ended appends to the WAL instead of restarting it; only a write
+        // that begins after everything is copied restarts it.
         let _writers = self.connection();
         Ok(passive(conn)?.frames)
     }
@@ -124,7 +134,7 @@ mod tests {
         for i in 0..200 {
             record(&store, i.to_string());
         }
-        let frames = store.checkpoint_pass(&conn, 0).unwrap();
+        let frames = store.checkpoint_pass(&conn, 0, 100).unwrap();
         assert!(frames >= 400, "{frames} frames");
         assert_eq!(passive(&conn).unwrap().backfilled, frames);
         record(&store, "after".into());
@@ -140,7 +150,7 @@ mod tests {
         let path = dir.path().join("t.db");
         let store = Arc::new(Store::open(&path).unwrap());
         let checkpointer = store
-            .checkpoint_in_background(Duration::from_millis(10))
+            .checkpoint_in_background(Duration::from_millis(10), 200)
             .unwrap();
         let records = 3_000;
         let writers: Vec<_> = (0..2)
