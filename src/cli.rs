@@ -314,7 +314,8 @@ fn serve(path: &Path) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     // Passes every 50 ms copy little each; requests wait only for the restart every 2,000
-    // frames (1,000 key requests, 8 MB of WAL), half as often as SQLite's own checkpoint.
+    // frames (1,000 key requests, 8 MB of WAL), half as often as SQLite's default
+    // checkpoint (1,000 frames) would hold them.
     let checkpointer = store
         .checkpoint_in_background(Duration::from_millis(50), 2_000)
         .map_err(|e| e.to_string())?;

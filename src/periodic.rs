@@ -1,6 +1,7 @@
-//! A named background thread that runs a task at a fixed interval until it is stopped or
-//! dropped (so an early return cannot leave it running detached).
+//! A named background thread that runs a task again and again, an interval apart, until it
+//! is stopped or dropped (so an early return cannot leave it running detached).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{RecvTimeoutError, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -11,18 +12,23 @@ pub struct Periodic {
 }
 
 impl Periodic {
-    /// Runs `task` every `every`, the first time after one interval.
+    /// Runs `task` `every` after it last ended (the first time `every` after the start). A
+    /// task that panics is logged and not run again.
     pub fn spawn(
         name: &str,
         every: Duration,
         mut task: impl FnMut() + Send + 'static,
     ) -> std::io::Result<Self> {
         let (stop, stopped) = sync_channel::<()>(1);
+        let thread_name = name.to_owned();
         let thread = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
-                    task();
+                    if std::panic::catch_unwind(AssertUnwindSafe(&mut task)).is_err() {
+                        tracing::error!(thread = %thread_name, "background task panicked; stopped");
+                        return;
+                    }
                 }
             })?;
         Ok(Self {

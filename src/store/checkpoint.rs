@@ -60,6 +60,8 @@ impl Store {
         let store = Arc::clone(self);
         let mut frames_before = 0;
         let mut failing_since: Option<Instant> = None;
+        self.connection()
+            .pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
         let thread = Periodic::spawn("wal-checkpoint", every, move || {
             match store.checkpoint_pass(&conn, frames_before, restart_after) {
                 Ok(frames) => {
@@ -78,9 +80,10 @@ impl Store {
             }
         })
         .map_err(StoreError::CheckpointThread)?;
-        let serving = self.connection();
-        serving.pragma_update(None, "wal_autocheckpoint", BACKSTOP_FRAMES)?;
-        serving.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
+        // Only with the thread running (if this fails, dropping it stops the thread and
+        // SQLite's own checkpoints stay as they were).
+        self.connection()
+            .pragma_update(None, "wal_autocheckpoint", BACKSTOP_FRAMES)?;
         Ok(thread)
     }
 
