@@ -500,7 +500,7 @@ fn audit_command(command: AuditCommand) -> Result<(), String> {
     match command {
         AuditCommand::Verify(c) => {
             let config = load(&c.config)?;
-            let store = Store::open_existing(&config.store.sqlite).map_err(|e| e.to_string())?;
+            let store = Store::open_read_only(&config.store.sqlite).map_err(|e| e.to_string())?;
             let records = store
                 .read(|tx| tx.audit_records(None))
                 .map_err(|e| e.to_string())?;
@@ -517,7 +517,7 @@ fn audit_command(command: AuditCommand) -> Result<(), String> {
         }
         AuditCommand::Export { config, since } => {
             let config = load(&config.config)?;
-            let store = Store::open_existing(&config.store.sqlite).map_err(|e| e.to_string())?;
+            let store = Store::open_read_only(&config.store.sqlite).map_err(|e| e.to_string())?;
             let since = since.map(|s| normalize_since(&s)).transpose()?;
             let records = store
                 .read(|tx| tx.audit_records(since.as_deref()))

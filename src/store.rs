@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, TransactionBehavior, params};
 use uuid::Uuid;
 
 use crate::audit::{AuditEvent, AuditRecord, GENESIS, chain_hash};
@@ -633,16 +633,33 @@ impl Store {
         self.run(TransactionBehavior::Immediate, f)
     }
 
-    /// Opens a database that must already exist (for reading the audit trail: a mistyped
-    /// path must not verify as an empty, intact trail).
-    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
+    /// Opens an existing database read-only, for reading the audit trail: nothing is
+    /// written (an auditor needs read access only, and a live server's files are left
+    /// alone), and a mistyped path is an error, not an empty, intact trail.
+    pub fn open_read_only(path: &Path) -> Result<Self, StoreError> {
         if !path.is_file() {
             return Err(StoreError::Corrupt(format!(
                 "no database at {}",
                 path.display()
             )));
         }
-        Self::open(path)
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        configure(&conn)?;
+        let done = schema_version(&conn)?;
+        if done < MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "schema version {done} is older than this divkey's ({}): start `divkey serve` \
+                 once to bring it up to date",
+                MIGRATIONS.len()
+            )));
+        }
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
     }
 
     /// Whether the database answers (for readiness).
@@ -652,9 +669,9 @@ impl Store {
     }
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
-    let done: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+/// The number of schema steps the database has had (`PRAGMA user_version`).
+fn schema_version(conn: &Connection) -> Result<usize, StoreError> {
+    let done: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     let done = usize::try_from(done).unwrap_or(usize::MAX);
     if done > MIGRATIONS.len() {
         return Err(StoreError::Corrupt(format!(
@@ -662,6 +679,18 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             MIGRATIONS.len()
         )));
     }
+    Ok(done)
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    // Up to date, the usual case: nothing is written, so opening a database that a running
+    // server writes to leaves it alone.
+    if schema_version(conn)? == MIGRATIONS.len() {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+    // Again under the lock: another process may have migrated it meanwhile.
+    let done = schema_version(&tx)?;
     for step in &MIGRATIONS[done..] {
         tx.execute_batch(step)?;
     }
@@ -680,6 +709,22 @@ mod tests {
             outcome: outcome.into(),
             ..AuditEvent::default()
         }
+    }
+
+    #[test]
+    fn the_audit_trail_is_read_without_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = Store::open(&path).unwrap();
+        store.write(|tx| tx.append_audit(&event("first"))).unwrap();
+        // Read-only while the writer is open, as `divkey audit verify` beside the server.
+        let reader = Store::open_read_only(&path).unwrap();
+        assert_eq!(reader.read(|tx| tx.audit_records(None)).unwrap().len(), 1);
+        let refused = reader.write(|tx| tx.append_audit(&event("no")));
+        assert!(matches!(refused, Err(StoreError::Sqlite(_))), "{refused:?}");
+        assert!(Store::open_read_only(&dir.path().join("missing.db")).is_err());
+        drop(reader);
+        assert_eq!(store.read(|tx| tx.audit_records(None)).unwrap().len(), 1);
     }
 
     #[test]

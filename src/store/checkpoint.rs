@@ -17,11 +17,11 @@ use rusqlite::Connection;
 use super::{Store, StoreError, configure};
 use crate::periodic::Periodic;
 
-/// Frames in the WAL at which a commit still checkpoints by itself, should this thread
-/// fall behind (the server lets the WAL restart at 2,000).
-const BACKSTOP_FRAMES: i64 = 10_000;
+/// SQLite's own checkpoint threshold (its default), handed back to the serving connection
+/// while this thread fails and once it ends.
+const SQLITE_CHECKPOINT_FRAMES: i64 = 1_000;
 
-/// What the WAL file is cut back to when it restarts, should the backstop have grown it.
+/// What the WAL file is cut back to when it restarts, should a long read have grown it.
 const WAL_SIZE_LIMIT_BYTES: i64 = 16 * 1024 * 1024;
 
 /// How often a checkpoint that keeps failing is reported again.
@@ -57,23 +57,28 @@ impl Store {
         // Synchronous NORMAL: a checkpoint syncs the WAL before copying and the database
         // after, as the serving connection's own would.
         configure(&conn)?;
-        let store = Arc::clone(self);
-        let mut frames_before = 0;
-        let mut failing_since: Option<Instant> = None;
         self.connection()
             .pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
+        let store = Arc::clone(self);
+        // Dropped with the task when the thread ends, however it ends.
+        let sqlite = SqliteCheckpoints(Arc::clone(self));
+        let mut frames_before = 0;
+        let mut failing_since: Option<Instant> = None;
         let thread = Periodic::spawn("wal-checkpoint", every, move || {
             match store.checkpoint_pass(&conn, frames_before, restart_after) {
                 Ok(frames) => {
                     frames_before = frames;
                     if failing_since.take().is_some() {
+                        sqlite.take_over();
                         tracing::info!("WAL checkpoints work again");
                     }
                 }
-                // The backstop keeps the WAL bounded meanwhile.
                 Err(e) => {
+                    if failing_since.is_none() {
+                        sqlite.hand_back();
+                    }
                     if failing_since.is_none_or(|t| t.elapsed() >= REPORT_FAILURE_EVERY) {
-                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                        tracing::warn!(error = %e, "WAL checkpoint failed; SQLite checkpoints in the commit meanwhile");
                         failing_since = Some(Instant::now());
                     }
                 }
@@ -81,9 +86,9 @@ impl Store {
         })
         .map_err(StoreError::CheckpointThread)?;
         // Only with the thread running (if this fails, dropping it stops the thread and
-        // SQLite's own checkpoints stay as they were).
+        // hands SQLite its checkpoints back).
         self.connection()
-            .pragma_update(None, "wal_autocheckpoint", BACKSTOP_FRAMES)?;
+            .pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(thread)
     }
 
@@ -96,10 +101,16 @@ impl Store {
         restart_after: i64,
     ) -> Result<i64, StoreError> {
         let first = passive(conn)?;
-        // Short enough to keep going (or another checkpoint under way: -1), or untouched
-        // since the last pass and all copied: nothing to finish.
+        // Much left to copy (a long read held the checkpoint back, or the WAL is catching
+        // up after one): the next passes copy it without holding requests off, unless the
+        // WAL has grown so long that copying cannot be keeping up with the writes.
+        let catching_up = first.frames - first.backfilled > restart_after / 2
+            && first.frames < restart_after.saturating_mul(50);
+        // Short enough to keep going (or another checkpoint under way: -1), untouched since
+        // the last pass and all copied, or catching up: nothing to finish now.
         if first.frames < restart_after.max(1)
             || (first.frames == frames_before && first.backfilled == first.frames)
+            || catching_up
         {
             return Ok(first.frames);
         }
@@ -110,6 +121,36 @@ impl Store {
         // that begins after everything is copied restarts it.
         let _writers = self.connection();
         Ok(passive(conn)?.frames)
+    }
+}
+
+/// The serving connection's own checkpoints: off while the thread does them, back on
+/// (SQLite's default) while it fails and once it ends.
+struct SqliteCheckpoints(Arc<Store>);
+
+impl SqliteCheckpoints {
+    fn set(&self, frames: i64) {
+        if let Err(e) = self
+            .0
+            .connection()
+            .pragma_update(None, "wal_autocheckpoint", frames)
+        {
+            tracing::error!(error = %e, frames, "cannot set wal_autocheckpoint");
+        }
+    }
+
+    fn take_over(&self) {
+        self.set(0);
+    }
+
+    fn hand_back(&self) {
+        self.set(SQLITE_CHECKPOINT_FRAMES);
+    }
+}
+
+impl Drop for SqliteCheckpoints {
+    fn drop(&mut self) {
+        self.hand_back();
     }
 }
 
@@ -169,7 +210,19 @@ mod tests {
         for w in writers {
             w.join().unwrap();
         }
+        let own = |store: &Store| -> i64 {
+            store
+                .connection()
+                .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(
+            own(&store),
+            0,
+            "SQLite checkpoints in the commit while the thread runs"
+        );
         checkpointer.stop();
+        assert_eq!(own(&store), 1_000, "and again once it has stopped");
         // Each record adds two frames of 4 KiB (the table's last page and its time index's),
         // and new pages as they fill: a WAL never restarted holds about 28 MB here, below
         // the backstop. Half that leaves the thread room to be scheduled late.
