@@ -347,6 +347,36 @@ fn check_outcome(f: &Fetched, card: &Card) {
     assert!(f.secs <= limit(), "a request waited {:.2} s", f.secs);
 }
 
+/// `clients` keep-alive clients asking for the keys of `cards` in turn until `stop`; each
+/// answer is checked (`check_outcome`) and handed to `seen` (`Err` on a transport error),
+/// and a client ends when `seen` returns false.
+fn start_load(
+    clients: usize,
+    cards: &Arc<Vec<Card>>,
+    stop: &Arc<AtomicBool>,
+    seen: impl Fn(Result<&Fetched, String>) -> bool + Send + Sync + 'static,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let seen = Arc::new(seen);
+    (0..clients)
+        .map(|i| {
+            let (stop, cards, seen) = (Arc::clone(stop), Arc::clone(cards), Arc::clone(&seen));
+            std::thread::spawn(move || {
+                let agent = agent();
+                while !stop.load(Ordering::Relaxed) {
+                    let card = &cards[i % cards.len()];
+                    let f = try_fetch(&agent, card);
+                    if let Ok(f) = &f {
+                        check_outcome(f, card);
+                    }
+                    if !seen(f.as_ref().map_err(String::clone)) {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 /// Polls until a key request succeeds with the right key; returns how long it took.
 fn until_served(card: &Card, within: Duration) -> Duration {
     let agent = agent();
@@ -479,20 +509,14 @@ fn killed_hsm_server_under_load_gives_fast_503s_never_a_wrong_key_and_heals() {
     let stop = Arc::new(AtomicBool::new(false));
     // (status, seconds)
     let seen = Arc::new(Mutex::new(Vec::<(u16, f64)>::new()));
-    let load: Vec<_> = (0..8)
-        .map(|i| {
-            let (stop, seen, cards) = (Arc::clone(&stop), Arc::clone(&seen), Arc::clone(&cards));
-            std::thread::spawn(move || {
-                let agent = agent(); // keep-alive
-                while !stop.load(Ordering::Relaxed) {
-                    let card = &cards[i % cards.len()];
-                    let f = fetch(&agent, card);
-                    check_outcome(&f, card);
-                    seen.lock().unwrap().push((f.status, f.secs));
-                }
-            })
-        })
-        .collect();
+    let load = start_load(8, &cards, &stop, {
+        let seen = Arc::clone(&seen);
+        move |f| {
+            let f = f.unwrap_or_else(|e| panic!("transport error: {e}"));
+            seen.lock().unwrap().push((f.status, f.secs));
+            true
+        }
+    });
     std::thread::sleep(Duration::from_millis(700));
     let before = seen.lock().unwrap().len();
     hsm.kill();
@@ -710,21 +734,8 @@ fn outages_under_heavy_load_heal_within_5_s_or_end_the_process_for_a_restart() {
     } = setup();
     let cards: Arc<Vec<Card>> = Arc::new((0..4).map(|_| enroll(&server.base)).collect());
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..16)
-        .map(|i| {
-            let (stop, cards) = (Arc::clone(&stop), Arc::clone(&cards));
-            std::thread::spawn(move || {
-                let agent = agent();
-                while !stop.load(Ordering::Relaxed) {
-                    let card = &cards[i % cards.len()];
-                    match try_fetch(&agent, card) {
-                        Ok(f) => check_outcome(&f, card),
-                        Err(_) => break, // divkey exited
-                    }
-                }
-            })
-        })
-        .collect();
+    // A transport error: divkey exited, and the client stops.
+    let load = start_load(16, &cards, &stop, |f| f.is_ok());
     let probe = agent();
     let mut healed = Vec::new();
     let mut exited = None;

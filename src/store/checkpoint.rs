@@ -59,13 +59,13 @@ impl Store {
         configure(&conn)?;
         self.connection()
             .pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)?;
-        let store = Arc::clone(self);
-        // Dropped with the task when the thread ends, however it ends.
+        // The task's handle on the store; dropped with the task when the thread ends,
+        // however it ends.
         let sqlite = SqliteCheckpoints(Arc::clone(self));
         let mut frames_before = 0;
         let mut failing_since: Option<Instant> = None;
         let thread = Periodic::spawn("wal-checkpoint", every, move || {
-            match store.checkpoint_pass(&conn, frames_before, restart_after) {
+            match sqlite.0.checkpoint_pass(&conn, frames_before, restart_after) {
                 Ok(frames) => {
                     frames_before = frames;
                     if failing_since.take().is_some() {
